@@ -1,0 +1,186 @@
+"""Orthonormal real-to-complex FFTs over the last three axes, and the half grid.
+
+Every Fourier array in mlsubtomo lives on the half grid ``(D, D, D//2 + 1)`` produced
+by ``rfftn`` of a ``[z, y, x]`` volume, with the orthonormal normalisation, so that
+the squared norm over the full grid equals the real-space sum of squares.
+
+Two backends share one interface: pyFFTW (plans made with ``FFTW_MEASURE`` and
+cached per process, keyed by shape, direction and thread count, so that joblib
+workers each build their own) and ``scipy.fft``.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import scipy.fft
+
+__all__ = [
+    "BACKENDS",
+    "FFTBackend",
+    "frequency_grid",
+    "half_grid_shape",
+    "hermitian_multiplicity",
+]
+
+BACKENDS = ("pyfftw", "scipy")
+
+_PLANS: dict = {}
+_PLAN_LOCK = threading.Lock()
+
+
+def half_grid_shape(box_size: int) -> tuple[int, int, int]:
+    """Shape ``(D, D, D//2 + 1)`` of the half grid of a cubic box of side ``D``."""
+    return (box_size, box_size, box_size // 2 + 1)
+
+
+def frequency_grid(box_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Integer frequencies ``(qx, qy, qz)`` in Fourier pixels on the half grid.
+
+    Each is a float64 array broadcastable to ``half_grid_shape(box_size)``:
+    ``qz`` varies along axis 0, ``qy`` along axis 1 and ``qx`` (non-negative)
+    along axis 2.
+    """
+    d = int(box_size)
+    full = np.fft.fftfreq(d, 1.0 / d)
+    qz = full.reshape(d, 1, 1)
+    qy = full.reshape(1, d, 1)
+    qx = np.arange(d // 2 + 1, dtype=np.float64).reshape(1, 1, d // 2 + 1)
+    return qx, qy, qz
+
+
+def hermitian_multiplicity(box_size: int) -> np.ndarray:
+    """Weight of each half-grid column in a sum over the full grid.
+
+    A column ``qx`` with a Hermitian partner that the half grid omits counts twice;
+    ``qx = 0`` and, for even ``D``, ``qx = D/2`` count once. Shape ``(D//2 + 1,)``.
+    """
+    d = int(box_size)
+    m = np.full(d // 2 + 1, 2.0)
+    m[0] = 1.0
+    if d % 2 == 0:
+        m[-1] = 1.0
+    return m
+
+
+def _check_threads(threads) -> int:
+    threads = int(threads)
+    if threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
+    return threads
+
+
+class FFTBackend:
+    """Batched orthonormal ``rfftn``/``irfftn`` over the last three axes.
+
+    Parameters
+    ----------
+    name : {"pyfftw", "scipy"}, default="pyfftw"
+        Which library computes the transforms.
+    threads : int, default=1
+        Threads used by one transform.
+
+    Notes
+    -----
+    Real input is cast to float32 and complex input to complex64; outputs are
+    float32 and complex64. Inputs are never modified. The object holds only its
+    name and thread count, so it pickles cheaply; pyFFTW plans live in a
+    per-process cache.
+    """
+
+    def __init__(self, name: str = "pyfftw", threads: int = 1):
+        if name not in BACKENDS:
+            raise ValueError(f"name must be one of {BACKENDS}, got {name!r}")
+        self.name = name
+        self.threads = _check_threads(threads)
+
+    def __repr__(self) -> str:
+        return f"FFTBackend(name={self.name!r}, threads={self.threads})"
+
+    def __eq__(self, other) -> bool:
+        return (
+            isinstance(other, FFTBackend)
+            and other.name == self.name
+            and other.threads == self.threads
+        )
+
+    def __hash__(self) -> int:
+        return hash((self.name, self.threads))
+
+    def rfftn(self, x: np.ndarray) -> np.ndarray:
+        """Forward transform of real ``(..., D, D, D)`` to complex ``(..., D, D, D//2+1)``."""
+        x = np.asarray(x, dtype=np.float32)
+        _check_cubic(x.shape)
+        if self.name == "scipy":
+            return scipy.fft.rfftn(
+                x, axes=(-3, -2, -1), norm="ortho", workers=self.threads
+            ).astype(np.complex64, copy=False)
+        plan = _plan("forward", x.shape, self.threads)
+        out = _empty_aligned(plan.output_shape, np.complex64)
+        plan(x, output_array=out)
+        return out
+
+    def irfftn(self, x: np.ndarray, box_size: int) -> np.ndarray:
+        """Inverse transform of complex ``(..., D, D, D//2+1)`` to real ``(..., D, D, D)``."""
+        x = np.asarray(x, dtype=np.complex64)
+        d = int(box_size)
+        if x.shape[-3:] != half_grid_shape(d):
+            raise ValueError(
+                f"x has trailing shape {x.shape[-3:]}, expected the half grid "
+                f"{half_grid_shape(d)} of box_size {d}"
+            )
+        if self.name == "scipy":
+            return scipy.fft.irfftn(
+                x, s=(d, d, d), axes=(-3, -2, -1), norm="ortho", workers=self.threads
+            ).astype(np.float32, copy=False)
+        shape = x.shape[:-3] + (d, d, d)
+        plan = _plan("backward", shape, self.threads)
+        out = _empty_aligned(shape, np.float32)
+        # c2r transforms destroy their input: pyFFTW copies x into the plan's own
+        # input buffer first, so the caller's array is left intact.
+        plan(x, output_array=out)
+        return out
+
+
+def _check_cubic(shape) -> None:
+    if len(shape) < 3 or not (shape[-1] == shape[-2] == shape[-3]):
+        raise ValueError(f"volumes must be cubic in their last three axes, got shape {shape}")
+
+
+def _empty_aligned(shape, dtype):
+    import pyfftw
+
+    return pyfftw.empty_aligned(shape, dtype=dtype)
+
+
+def _plan(direction: str, real_shape: tuple, threads: int):
+    """The cached pyFFTW plan for a real-side shape (made on first use in this process)."""
+    key = (direction, tuple(real_shape), threads)
+    plan = _PLANS.get(key)
+    if plan is not None:
+        return plan
+    import pyfftw
+
+    with _PLAN_LOCK:
+        plan = _PLANS.get(key)
+        if plan is None:
+            complex_shape = tuple(real_shape[:-1]) + (real_shape[-1] // 2 + 1,)
+            real = pyfftw.empty_aligned(real_shape, dtype=np.float32)
+            cplx = pyfftw.empty_aligned(complex_shape, dtype=np.complex64)
+            if direction == "forward":
+                src, dst, fftw_dir = real, cplx, "FFTW_FORWARD"
+            else:
+                src, dst, fftw_dir = cplx, real, "FFTW_BACKWARD"
+            plan = pyfftw.FFTW(
+                src,
+                dst,
+                axes=(-3, -2, -1),
+                direction=fftw_dir,
+                flags=("FFTW_MEASURE",),
+                threads=threads,
+                ortho=True,
+                normalise_idft=False,
+            )
+            _PLANS[key] = plan
+    return plan
