@@ -84,9 +84,10 @@ class FFTBackend:
     Notes
     -----
     Real input is cast to float32 and complex input to complex64; outputs are
-    float32 and complex64. Inputs are never modified. The object holds only its
-    name and thread count, so it pickles cheaply; pyFFTW plans live in a
-    per-process cache.
+    float32 and complex64. Inputs are never modified, and each call returns a new
+    array unless an ``out`` array is passed. The object holds only its name and
+    thread count, so it pickles cheaply; pyFFTW plans live in a per-process cache
+    and may be shared by Python threads (calls on one plan are serialised).
     """
 
     def __init__(self, name: str = "pyfftw", threads: int = 1):
@@ -108,21 +109,67 @@ class FFTBackend:
     def __hash__(self) -> int:
         return hash((self.name, self.threads))
 
-    def rfftn(self, x: np.ndarray) -> np.ndarray:
-        """Forward transform of real ``(..., D, D, D)`` to complex ``(..., D, D, D//2+1)``."""
+    def rfftn(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """Forward transform of real ``(..., D, D, D)`` to complex ``(..., D, D, D//2+1)``.
+
+        Parameters
+        ----------
+        x : array-like of shape (..., D, D, D)
+            Real volumes; left unchanged.
+        out : ndarray of shape (..., D, D, D//2+1), complex64, optional
+            C-contiguous array to write the result into (and return). Reusing one
+            avoids allocating fresh memory per call; with pyFFTW it must also be
+            SIMD-aligned (``pyfftw.empty_aligned``).
+
+        Returns
+        -------
+        ndarray, complex64
+            ``out`` if given, otherwise a new array.
+        """
         x = np.asarray(x, dtype=np.float32)
         _check_cubic(x.shape)
+        out_shape = x.shape[:-1] + (x.shape[-1] // 2 + 1,)
         if self.name == "scipy":
-            return scipy.fft.rfftn(
-                x, axes=(-3, -2, -1), norm="ortho", workers=self.threads
-            ).astype(np.complex64, copy=False)
+            result = scipy.fft.rfftn(x, axes=(-3, -2, -1), norm="ortho", workers=self.threads)
+            if out is None:
+                return result.astype(np.complex64, copy=False)
+            _check_out(out, out_shape, np.complex64, None)
+            out[...] = result
+            return out
         plan = _plan("forward", x.shape, self.threads)
-        out = _empty_aligned(plan.output_shape, np.complex64)
-        plan(x, output_array=out)
+        if out is None:
+            out = _empty_aligned(out_shape, np.complex64)
+        else:
+            _check_out(out, out_shape, np.complex64, plan.fftw)
+        if (
+            x.strides != plan.fftw.input_strides
+            or not _aligned(x, plan.fftw.input_alignment)
+            or np.may_share_memory(x, out)
+        ):
+            # Hand pyFFTW an array it reads as-is: its own fallback would copy into the
+            # array of its previous call, which may belong to another caller.
+            x = _aligned_copy(x)
+        plan.execute(x, out)
         return out
 
-    def irfftn(self, x: np.ndarray, box_size: int) -> np.ndarray:
-        """Inverse transform of complex ``(..., D, D, D//2+1)`` to real ``(..., D, D, D)``."""
+    def irfftn(self, x: np.ndarray, box_size: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Inverse transform of complex ``(..., D, D, D//2+1)`` to real ``(..., D, D, D)``.
+
+        Parameters
+        ----------
+        x : array-like of shape (..., D, D, D//2+1)
+            Half-grid transforms; left unchanged.
+        box_size : int
+            D, which the half grid does not determine.
+        out : ndarray of shape (..., D, D, D), float32, optional
+            C-contiguous array to write the result into (and return); with pyFFTW it
+            must also be SIMD-aligned (``pyfftw.empty_aligned``).
+
+        Returns
+        -------
+        ndarray, float32
+            ``out`` if given, otherwise a new array.
+        """
         x = np.asarray(x, dtype=np.complex64)
         d = int(box_size)
         if x.shape[-3:] != half_grid_shape(d):
@@ -130,16 +177,24 @@ class FFTBackend:
                 f"x has trailing shape {x.shape[-3:]}, expected the half grid "
                 f"{half_grid_shape(d)} of box_size {d}"
             )
-        if self.name == "scipy":
-            return scipy.fft.irfftn(
-                x, s=(d, d, d), axes=(-3, -2, -1), norm="ortho", workers=self.threads
-            ).astype(np.float32, copy=False)
         shape = x.shape[:-3] + (d, d, d)
+        if self.name == "scipy":
+            result = scipy.fft.irfftn(
+                x, s=(d, d, d), axes=(-3, -2, -1), norm="ortho", workers=self.threads
+            )
+            if out is None:
+                return result.astype(np.float32, copy=False)
+            _check_out(out, shape, np.float32, None)
+            out[...] = result
+            return out
         plan = _plan("backward", shape, self.threads)
-        out = _empty_aligned(shape, np.float32)
-        # c2r transforms destroy their input: pyFFTW copies x into the plan's own
-        # input buffer first, so the caller's array is left intact.
-        plan(x, output_array=out)
+        if out is None:
+            out = _empty_aligned(shape, np.float32)
+        else:
+            _check_out(out, shape, np.float32, plan.fftw)
+        # Multi-dimensional c2r transforms destroy their input: the plan works on a
+        # private copy (scaled on the way), so x is left intact.
+        plan.execute(x, out)
         return out
 
 
@@ -148,13 +203,77 @@ def _check_cubic(shape) -> None:
         raise ValueError(f"volumes must be cubic in their last three axes, got shape {shape}")
 
 
+def _check_out(out, shape, dtype, fftw) -> None:
+    if not isinstance(out, np.ndarray) or out.shape != shape or out.dtype != dtype:
+        got = (getattr(out, "shape", None), getattr(out, "dtype", type(out).__name__))
+        raise ValueError(f"out must be a {np.dtype(dtype)} array of shape {shape}, got {got}")
+    if not out.flags.c_contiguous or not out.flags.writeable:
+        raise ValueError("out must be C-contiguous and writeable")
+    if fftw is not None and (
+        out.strides != fftw.output_strides or not _aligned(out, fftw.output_alignment)
+    ):
+        raise ValueError(
+            "out must be SIMD-aligned for pyFFTW: allocate it with pyfftw.empty_aligned"
+        )
+
+
+def _aligned(a: np.ndarray, alignment: int) -> bool:
+    return a.ctypes.data % alignment == 0
+
+
 def _empty_aligned(shape, dtype):
     import pyfftw
 
     return pyfftw.empty_aligned(shape, dtype=dtype)
 
 
-def _plan(direction: str, real_shape: tuple, threads: int):
+def _aligned_copy(a: np.ndarray) -> np.ndarray:
+    b = _empty_aligned(a.shape, a.dtype)
+    b[...] = a
+    return b
+
+
+class _Plan:
+    """A pyFFTW plan with its own buffers, its orthonormal factor and a lock.
+
+    ``pyfftw.FFTW`` keeps the arrays of its last call, and its ``__call__`` is not
+    thread-safe (it points the plan at new arrays, then executes). :meth:`execute`
+    therefore holds the lock and points the plan back at its own buffers afterwards,
+    so that no caller's array is kept alive or written to by a later call.
+    """
+
+    def __init__(self, fftw, src, dst, forward: bool):
+        self.fftw = fftw
+        self.src = src
+        self.dst = dst
+        self.forward = forward
+        n = int(np.prod(fftw.input_shape[-3:] if forward else fftw.output_shape[-3:]))
+        self.scale = np.float32(1.0 / np.sqrt(n))
+        self.lock = threading.Lock()
+
+    def execute(self, x: np.ndarray, out: np.ndarray) -> None:
+        """Orthonormal transform of ``x`` into ``out``.
+
+        Forward: ``x`` must already match the plan's strides and alignment; FFTW
+        reads it in place (r2c transforms preserve their input). Backward: ``x`` is
+        copied, scaled on the way, into the private input buffer, because
+        multi-dimensional c2r transforms destroy their input.
+        """
+        with self.lock:
+            try:
+                if self.forward:
+                    self.fftw.update_arrays(x, out)
+                else:
+                    np.multiply(x, self.scale, out=self.src)
+                    self.fftw.update_arrays(self.src, out)
+                self.fftw.execute()
+            finally:
+                self.fftw.update_arrays(self.src, self.dst)
+        if self.forward:
+            out *= self.scale
+
+
+def _plan(direction: str, real_shape: tuple, threads: int) -> _Plan:
     """The cached pyFFTW plan for a real-side shape (made on first use in this process)."""
     key = (direction, tuple(real_shape), threads)
     plan = _PLANS.get(key)
@@ -172,15 +291,15 @@ def _plan(direction: str, real_shape: tuple, threads: int):
                 src, dst, fftw_dir = real, cplx, "FFTW_FORWARD"
             else:
                 src, dst, fftw_dir = cplx, real, "FFTW_BACKWARD"
-            plan = pyfftw.FFTW(
+            fftw = pyfftw.FFTW(
                 src,
                 dst,
                 axes=(-3, -2, -1),
                 direction=fftw_dir,
                 flags=("FFTW_MEASURE",),
                 threads=threads,
-                ortho=True,
+                ortho=False,
                 normalise_idft=False,
             )
-            _PLANS[key] = plan
+            plan = _PLANS[key] = _Plan(fftw, src, dst, direction == "forward")
     return plan

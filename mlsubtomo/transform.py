@@ -8,6 +8,8 @@ centre ``c = (D//2, D//2, D//2)``; rotating a volume V by R gives
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 from scipy import ndimage
 from scipy.spatial.transform import Rotation
@@ -45,8 +47,15 @@ def matrix_from_euler(angles) -> np.ndarray:
 
 
 def euler_from_matrix(matrices) -> np.ndarray:
-    """Inverse of :func:`matrix_from_euler`: (rot, tilt, psi) in degrees, tilt in [0, 180]."""
-    return Rotation.from_matrix(np.asarray(matrices, dtype=float)).as_euler("ZYZ", degrees=True)
+    """Inverse of :func:`matrix_from_euler`: (rot, tilt, psi) in degrees, tilt in [0, 180].
+
+    At tilt 0 or 180 only rot + psi (or rot - psi) is defined; psi is then set to 0.
+    """
+    rotation = Rotation.from_matrix(np.asarray(matrices, dtype=float))
+    with warnings.catch_warnings():
+        # Gimbal lock is expected at tilt 0 and 180 and handled as documented.
+        warnings.filterwarnings("ignore", message="Gimbal lock", category=UserWarning)
+        return rotation.as_euler("ZYZ", degrees=True)
 
 
 def rotate_volume(volume: np.ndarray, matrix: np.ndarray, order: int = 1) -> np.ndarray:
