@@ -1,0 +1,650 @@
+"""MissingDataMLClassifier: ML alignment and classification (Scheres et al. 2009)."""
+
+from __future__ import annotations
+
+import logging
+import numbers
+import time
+
+import numpy as np
+from joblib import Parallel, delayed, effective_n_jobs
+from scipy.spatial.transform import Rotation
+from sklearn.base import BaseEstimator, DensityMixin
+from sklearn.utils import check_random_state
+from sklearn.utils.validation import check_is_fitted
+
+from . import kernel
+from .masks import ArrayMask, FullData, Mask
+from .regularization import check_schedule, pairwise_squared_distances, penalised_update
+from .sampling import perturb, so3_grid, symmetry_group
+from .stats import SufficientStatistics
+from .transform import euler_from_matrix, rotate_volume
+
+__all__ = ["MissingDataMLClassifier"]
+
+logger = logging.getLogger("mlsubtomo")
+
+_MISSING_DATA = ("impute", "weighted_average")
+# sigma never falls below this fraction of the data's RMS per observed component, so
+# that noise-free data give large but finite scores instead of a division by zero.
+_SIGMA_FLOOR = 1e-5
+
+
+class MissingDataMLClassifier(DensityMixin, BaseEstimator):
+    """Maximum-likelihood alignment and classification of maps with missing Fourier data.
+
+    Class, orientation, integer shift and the unobserved Fourier components of each
+    particle are hidden variables of a Gaussian model; expectation-maximisation
+    estimates the class averages, class weights, the noise level sigma and the
+    shift spread xi (design section 2b; the paper's eqs. 7-11).
+
+    Parameters
+    ----------
+    n_classes : int, default=2
+        Number of classes K.
+    angular_step : float, default=15.0
+        Angular sampling in degrees of the SO(3) grid searched.
+    rotations : scipy.spatial.transform.Rotation or ndarray of shape (R, 3, 3), default=None
+        An explicit orientation set to search instead of the grid; disables
+        ``perturb``.
+    symmetry : str, default="C1"
+        Point group ("Cn" or "Dn", axis z) of the class averages: the search is
+        restricted to an asymmetric unit and the averages are symmetrised.
+    perturb : bool, default=True
+        Rotate the whole grid by a small random rotation (std angular_step/3) in
+        every iteration, so that successive iterations sample between grid points.
+    max_shift : int, default=None
+        Largest shift searched along each axis, in voxels; the search cube has
+        half-width ``min(ceil(6 xi), max_shift, D//2)``. None: ``D//2``.
+    max_resolution : float or None, default=0.5
+        Components at or beyond ``max_resolution * D`` Fourier pixels count as
+        unobserved (cycles per voxel); None keeps all but DC.
+    missing_data : {"impute", "weighted_average"}, default="impute"
+        "impute" fills each particle's missing components with the current model
+        (the paper's ML); "weighted_average" divides by the number of observations.
+    n_impute_iter : int, default=1
+        Repeats of the imputation update per iteration; large values tend to the
+        weighted average.
+    weighted_average_threshold : float, default=0.1
+        Components observed a posterior-weighted number of times below this are set
+        to zero by the weighted average (the paper's 0.1).
+    regularization : None, float or Schedule, default=None
+        Strength theta (units of N/K^2) pulling the class averages towards each
+        other in each iteration; ``LinearDecay(theta0=5.0, n_steps=5)`` is the
+        paper's schedule.
+    init_references : ndarray of shape (K, D, D, D), default=None
+        Starting class averages. None: weighted averages of K random subsets of
+        the particles in random orientations (the paper's initialisation).
+    init_sigma : float, default=None
+        Starting sigma; None: the RMS of the data per observed component.
+    init_xi : float, default=1.0
+        Starting standard deviation of the shift prior, in voxels.
+    fix_sigma, fix_xi, fix_class_weights : bool, default=False
+        Keep the corresponding parameter at its starting value.
+    align : bool, default=True
+        False keeps the orientations and shifts given to ``fit`` and only classifies.
+    local_search : float, default=None
+        Search only grid orientations within this angle (degrees) of each
+        particle's current orientation (starting from ``init_rotations``).
+    max_iter : int, default=40
+        Number of EM iterations at most.
+    tol : float, default=1e-5
+        Stop when the mean log-likelihood per particle changes by less than this.
+    pruning_threshold : float, default=0.0
+        (particle, class, orientation) pairs whose best posterior is below this
+        fraction of the particle's best are left out of the statistics; 0 is exact.
+    interpolation_order : int, default=1
+        Spline order of the real-space rotations (1: trilinear).
+    fft_backend : {"pyfftw", "scipy"}, default="pyfftw"
+    n_jobs : int, default=None
+        Parallel workers over particle chunks (joblib); -1 uses all cores.
+    random_state : int, RandomState or None, default=None
+    verbose : int, default=0
+        1 logs one line per iteration and shows a progress bar.
+    warm_start : bool, default=False
+        Continue from the fitted model on the next call to ``fit``.
+
+    Attributes
+    ----------
+    references_ : ndarray of shape (K, D, D, D)
+        Class averages in real space, band-limited to ``max_resolution``.
+    class_weights_ : ndarray of shape (K,)
+    sigma_ : float
+    xi_ : float
+    labels_ : ndarray of shape (N,)
+        Most probable class of each particle, orientations and shifts marginalised.
+    rotations_ : ndarray of shape (N, 3, 3)
+        Orientation of the most probable (class, orientation, shift) of each
+        particle: ``X_i(r) ~ A_k(R^T (r - t))``.
+    shifts_ : ndarray of shape (N, 3)
+        Its shift t, (x, y, z) voxels.
+    euler_angles_ : ndarray of shape (N, 3)
+        ``rotations_`` as ZYZ (rot, tilt, psi) in degrees, RELION's convention.
+    max_posterior_ : ndarray of shape (N,)
+        Posterior probability of that most probable (class, orientation, shift).
+    particle_log_likelihood_ : ndarray of shape (N,)
+    log_likelihood_history_ : list of float
+        Entry j is the data log-likelihood under the model entering iteration j;
+        the last entry is under the fitted model.
+    lower_bound_ : float
+        The last entry of ``log_likelihood_history_``.
+    n_iter_ : int
+    converged_ : bool
+    """
+
+    def __init__(
+        self,
+        n_classes=2,
+        *,
+        angular_step=15.0,
+        rotations=None,
+        symmetry="C1",
+        perturb=True,
+        max_shift=None,
+        max_resolution=0.5,
+        missing_data="impute",
+        n_impute_iter=1,
+        weighted_average_threshold=0.1,
+        regularization=None,
+        init_references=None,
+        init_sigma=None,
+        init_xi=1.0,
+        fix_sigma=False,
+        fix_xi=False,
+        fix_class_weights=False,
+        align=True,
+        local_search=None,
+        max_iter=40,
+        tol=1e-5,
+        pruning_threshold=0.0,
+        interpolation_order=1,
+        fft_backend="pyfftw",
+        n_jobs=None,
+        random_state=None,
+        verbose=0,
+        warm_start=False,
+    ):
+        self.n_classes = n_classes
+        self.angular_step = angular_step
+        self.rotations = rotations
+        self.symmetry = symmetry
+        self.perturb = perturb
+        self.max_shift = max_shift
+        self.max_resolution = max_resolution
+        self.missing_data = missing_data
+        self.n_impute_iter = n_impute_iter
+        self.weighted_average_threshold = weighted_average_threshold
+        self.regularization = regularization
+        self.init_references = init_references
+        self.init_sigma = init_sigma
+        self.init_xi = init_xi
+        self.fix_sigma = fix_sigma
+        self.fix_xi = fix_xi
+        self.fix_class_weights = fix_class_weights
+        self.align = align
+        self.local_search = local_search
+        self.max_iter = max_iter
+        self.tol = tol
+        self.pruning_threshold = pruning_threshold
+        self.interpolation_order = interpolation_order
+        self.fft_backend = fft_backend
+        self.n_jobs = n_jobs
+        self.random_state = random_state
+        self.verbose = verbose
+        self.warm_start = warm_start
+
+    # ------------------------------------------------------------------ validation
+    def _check_parameters(self, n_particles: int, box_size: int) -> None:
+        def integer(name, low):
+            value = getattr(self, name)
+            if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+
+        def real(name, low, high=np.inf, low_open=False):
+            value = getattr(self, name)
+            ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+            ok = ok and np.isfinite(value) and value <= high
+            ok = ok and (value > low if low_open else value >= low)
+            if not ok:
+                bound = f"> {low}" if low_open else f">= {low}"
+                raise ValueError(
+                    f"{name} must be a finite number {bound}, <= {high}; got {value!r}"
+                )
+
+        integer("n_classes", 1)
+        if self.n_classes > n_particles:
+            raise ValueError(
+                f"n_classes={self.n_classes} exceeds the number of particles ({n_particles})"
+            )
+        real("angular_step", 0.0, 180.0, low_open=True)
+        if self.max_shift is not None:
+            integer("max_shift", 0)
+            if self.max_shift >= box_size / 2 and self.max_shift > 0:
+                raise ValueError(
+                    f"max_shift={self.max_shift} must be smaller than half the box ({box_size}/2)"
+                )
+        if self.max_resolution is not None:
+            real("max_resolution", 0.0, np.sqrt(3) / 2, low_open=True)
+        if self.missing_data not in _MISSING_DATA:
+            raise ValueError(
+                f"missing_data must be one of {_MISSING_DATA}, got {self.missing_data!r}"
+            )
+        integer("n_impute_iter", 1)
+        real("weighted_average_threshold", 0.0)
+        if self.init_sigma is not None:
+            real("init_sigma", 0.0, low_open=True)
+        real("init_xi", 0.0)
+        if self.local_search is not None:
+            real("local_search", 0.0, 180.0, low_open=True)
+        integer("max_iter", 0)
+        real("tol", 0.0)
+        real("pruning_threshold", 0.0, 1.0)
+        integer("interpolation_order", 0)
+        if self.interpolation_order > 5:
+            raise ValueError(
+                f"interpolation_order must be at most 5, got {self.interpolation_order}"
+            )
+        if self.fft_backend not in ("pyfftw", "scipy"):
+            raise ValueError(
+                f"fft_backend must be 'pyfftw' or 'scipy', got {self.fft_backend!r}"
+            )
+        check_schedule(self.regularization)
+        symmetry_group(self.symmetry)
+
+    # ------------------------------------------------------------------ fitting
+    def fit(self, X, y=None, *, masks=None, init_rotations=None, init_shifts=None):
+        """Estimate the model by expectation-maximisation.
+
+        Parameters
+        ----------
+        X : array-like of shape (N, D, D, D)
+            Particles indexed [z, y, x]; converted to float32.
+        y : Ignored
+        masks : Mask, list of Mask, or bool array of shape (D, D, D//2+1) or (N, D, D, D//2+1)
+            Observed Fourier components of each particle (True = observed); None
+            means fully observed.
+        init_rotations : array-like of shape (N, 3, 3) or Rotation, default=None
+            Starting orientations (required with ``align=False`` or ``local_search``).
+        init_shifts : array-like of shape (N, 3), default=None
+            Starting integer shifts (x, y, z).
+
+        Returns
+        -------
+        self
+        """
+        self.fit_predict(X, y, masks=masks, init_rotations=init_rotations, init_shifts=init_shifts)
+        return self
+
+    def fit_predict(self, X, y=None, *, masks=None, init_rotations=None, init_shifts=None):
+        """Fit the model and return the class of each particle (``labels_``)."""
+        X = _check_volumes(X)
+        n, d = X.shape[0], X.shape[-1]
+        self._check_parameters(n, d)
+        rng = check_random_state(self.random_state)
+        group_masks, group = _group_masks(masks, n, d)
+        settings = self._kernel_settings(group_masks, d)
+        init_rotations = _check_rotations(init_rotations, n, "init_rotations")
+        init_shifts = _check_shifts(init_shifts, n, d)
+        if (not self.align or self.local_search is not None) and init_rotations is None:
+            raise ValueError("init_rotations are required with align=False or local_search")
+        base_shifts = init_shifts if not self.align else None
+        data = kernel.prepare_particles(X, settings, group, base_shifts)
+        self._data_rms = float(np.sqrt(np.sum(data.power) / np.sum(data.n_observed)))
+        self._band_weights = kernel.band_weights(d, self.max_resolution)
+        self._box_size = d
+
+        if not (self.warm_start and hasattr(self, "references_")):
+            self._initialize(data, settings, rng, init_rotations, init_shifts)
+        schedule = check_schedule(self.regularization)
+        grid = self._orientation_grid()
+        current_rotations = init_rotations
+        self.log_likelihood_history_ = []
+        self.converged_ = False
+        iterations = range(self.max_iter)
+        if self.verbose:
+            from tqdm.auto import tqdm
+
+            iterations = tqdm(iterations, desc="EM", unit="iter")
+        for iteration in iterations:
+            start = time.perf_counter()
+            rotations = grid
+            if self.perturb and self.rotations is None and self.align:
+                rotations = perturb(Rotation.from_matrix(grid), self.angular_step, rng).as_matrix()
+            stats, result = self._e_step(data, settings, rotations, current_rotations, True)
+            self.log_likelihood_history_.append(stats.log_likelihood)
+            previous_labels = getattr(self, "_last_labels", None)
+            self._last_labels = np.argmax(result.class_log_posterior, axis=1)
+            if self.local_search is not None:
+                current_rotations = result.rotations
+            self._m_step(stats, schedule(iteration))
+            self._log_iteration(iteration, stats, previous_labels, time.perf_counter() - start)
+            if iteration > 0:
+                change = (self.log_likelihood_history_[-1] - self.log_likelihood_history_[-2]) / n
+                if abs(change) < self.tol:
+                    self.converged_ = True
+                    self.n_iter_ = iteration + 1
+                    break
+        else:
+            self.n_iter_ = self.max_iter
+        if self.max_iter == 0:
+            self.n_iter_ = 0
+
+        _, result = self._e_step(data, settings, grid, current_rotations, False)
+        self.log_likelihood_history_.append(float(np.sum(result.log_likelihood)))
+        self.lower_bound_ = self.log_likelihood_history_[-1]
+        self._store_particle_results(result, base_shifts)
+        return self.labels_
+
+    def _kernel_settings(self, group_masks, d):
+        arrays = np.stack(
+            [m.observed(d, max_resolution=self.max_resolution) for m in group_masks]
+        )
+        for m, a in zip(group_masks, arrays, strict=True):
+            if not a.any():
+                raise ValueError(
+                    f"mask {m!r} observes no Fourier component inside max_resolution="
+                    f"{self.max_resolution} for box size {d}"
+                )
+        return kernel.KernelSettings(
+            masks=list(group_masks),
+            mask_arrays=arrays,
+            max_resolution=self.max_resolution,
+            pruning_threshold=float(self.pruning_threshold),
+            interpolation_order=int(self.interpolation_order),
+            fft_backend=self.fft_backend,
+        )
+
+    def _orientation_grid(self) -> np.ndarray:
+        if self.rotations is not None:
+            return _check_rotations(self.rotations, None, "rotations")
+        return so3_grid(self.angular_step, self.symmetry).as_matrix()
+
+    def _initialize(self, data, settings, rng, init_rotations, init_shifts):
+        """Model parameters before the first iteration."""
+        n, d, k = len(data), self._box_size, self.n_classes
+        if self.init_references is not None:
+            refs = np.asarray(self.init_references, dtype=np.float64)
+            if refs.shape != (k, d, d, d) or not np.all(np.isfinite(refs)):
+                raise ValueError(
+                    f"init_references must be finite with shape {(k, d, d, d)}, got "
+                    f"{refs.shape}"
+                )
+            self._references_hat = kernel.to_fourier(refs, self.fft_backend)
+        else:
+            # The paper's start: weighted averages of K random subsets in random orientations.
+            labels = np.empty(n, dtype=np.int64)
+            labels[rng.permutation(n)] = np.arange(n) % k
+            if init_rotations is None:
+                rotations = Rotation.random(n, random_state=rng).as_matrix()
+            else:
+                rotations = init_rotations
+            shifts = init_shifts if init_shifts is not None and self.align else np.zeros((n, 3))
+            stats = kernel.hard_statistics(data, labels, rotations, shifts, k, settings)
+            self._references_hat = self._weighted_average(stats, np.zeros_like(stats.data_sums))
+        self._references_hat = self._references_hat * self._band_weights.astype(bool)
+        self.class_weights_ = np.full(k, 1.0 / k)
+        sigma = self.init_sigma if self.init_sigma is not None else self._data_rms
+        self.sigma_ = float(sigma)
+        self.xi_ = float(self.init_xi)
+        self._update_references()
+
+    def _weighted_average(self, stats, previous):
+        counts = stats.observation_counts
+        with np.errstate(divide="ignore", invalid="ignore"):
+            average = np.where(
+                counts > self.weighted_average_threshold, stats.data_sums / counts, 0.0
+            )
+        empty = stats.class_sums <= 0
+        average[empty] = previous[empty]
+        return average
+
+    def _search_space(self, rotations):
+        d = self._box_size
+        if not self.align:
+            limit = 0
+        else:
+            limit = min(int(np.ceil(6 * self.xi_)), d // 2)
+            if self.max_shift is not None:
+                limit = min(limit, self.max_shift)
+        shifts, log_prior = kernel.shift_window(limit, self.xi_)
+        return kernel.SearchSpace(rotations, shifts, log_prior)
+
+    def _model(self):
+        with np.errstate(divide="ignore"):
+            log_weights = np.log(self.class_weights_)
+        return kernel.Model(self._references_real, log_weights, self.sigma_)
+
+    def _e_step(self, data, settings, rotations, current_rotations, accumulate):
+        """Scores, posteriors and (optionally) statistics for all particles."""
+        n = len(data)
+        candidates = None
+        if not self.align:
+            rotations = current_rotations
+            candidates = np.eye(n, dtype=bool)
+        elif self.local_search is not None:
+            candidates = kernel.local_candidates(rotations, current_rotations, self.local_search)
+        search = self._search_space(rotations)
+        model = self._model()
+        n_workers = min(effective_n_jobs(self.n_jobs), n)
+        chunks = np.array_split(np.arange(n), n_workers)
+        parts = [data.subset(c, None if candidates is None else candidates[c]) for c in chunks]
+        if n_workers == 1:
+            results = [kernel.e_step(parts[0], model, search, settings, accumulate)]
+        else:
+            results = Parallel(n_jobs=n_workers)(
+                delayed(kernel.e_step)(part, model, search, settings, accumulate)
+                for part in parts
+            )
+        result = kernel.ChunkResult.concatenate(results)
+        result.rotations = search.rotations[result.best_rotation]
+        stats = sum(r.statistics for r in results) if accumulate else None
+        return stats, result
+
+    def _m_step(self, stats: SufficientStatistics, theta: float) -> None:
+        """Update the model from the sufficient statistics (design section 2b)."""
+        n, k = stats.n_particles, self.n_classes
+        full = float(np.sum(self._band_weights))  # J
+        class_sums = stats.class_sums
+        sigma2 = self.sigma_**2
+        refs = self._references_hat
+        if self.missing_data == "impute":
+            for _ in range(self.n_impute_iter):
+                for c in np.flatnonzero(class_sums > 0):
+                    refs[c] = (
+                        refs[c] * (1.0 - stats.observation_counts[c] / class_sums[c])
+                        + stats.data_sums[c] / class_sums[c]
+                    )
+            for _ in range(self.n_impute_iter):
+                sigma2 = (sigma2 * (n * full - stats.n_observed) + stats.residual_sum) / (n * full)
+        else:
+            refs = self._weighted_average(stats, refs)
+            sigma2 = stats.residual_sum / stats.n_observed
+        if theta > 0 and k > 1:
+            tau = theta * n / k
+            refs = penalised_update(refs, class_sums, tau)
+            sigma2 += tau * pairwise_squared_distances(refs, self._band_weights) / (2 * n * full)
+        self._references_hat = refs * self._band_weights.astype(bool)
+        if not self.fix_class_weights:
+            self.class_weights_ = class_sums / n
+        if not self.fix_xi:
+            self.xi_ = float(np.sqrt(stats.shift_sum / (3 * n)))
+        if not self.fix_sigma:
+            self.sigma_ = float(max(np.sqrt(max(sigma2, 0.0)), _SIGMA_FLOOR * self._data_rms))
+        self._update_references()
+
+    def _update_references(self):
+        refs = kernel.to_real(self._references_hat, self._box_size, self.fft_backend)
+        if len(symmetry_group(self.symmetry)) > 1:
+            refs = _symmetrise(refs, symmetry_group(self.symmetry).as_matrix())
+            self._references_hat = kernel.to_fourier(refs, self.fft_backend)
+        self._references_real = refs.astype(np.float32)
+        self.references_ = self._references_real.copy()
+
+    def _log_iteration(self, iteration, stats, previous_labels, seconds):
+        sizes = np.round(self.class_weights_ * stats.n_particles).astype(int)
+        changed = (
+            float(np.mean(previous_labels != self._last_labels))
+            if previous_labels is not None
+            else float("nan")
+        )
+        message = (
+            f"iteration {iteration + 1}: log-likelihood {stats.log_likelihood:.6g}, "
+            f"sigma {self.sigma_:.4g}, xi {self.xi_:.3g}, class sizes {sizes.tolist()}, "
+            f"class changes {changed:.3f}, {seconds:.1f} s"
+        )
+        logger.info(message)
+        if self.verbose:
+            from tqdm.auto import tqdm
+
+            tqdm.write(message)
+
+    def _store_particle_results(self, result, base_shifts):
+        self.labels_ = np.argmax(result.class_log_posterior, axis=1)
+        self.rotations_ = result.rotations
+        shifts = result.best_shift
+        if base_shifts is not None:
+            shifts = shifts + base_shifts
+        self.shifts_ = shifts
+        self.euler_angles_ = euler_from_matrix(self.rotations_)
+        self.max_posterior_ = result.max_posterior
+        self.particle_log_likelihood_ = result.log_likelihood
+
+    # ------------------------------------------------------------------ inference
+    def _predict_result(self, X, masks):
+        check_is_fitted(self, "references_")
+        X = _check_volumes(X)
+        d = X.shape[-1]
+        if d != self._box_size:
+            raise ValueError(f"X has box size {d}, the model was fitted with {self._box_size}")
+        group_masks, group = _group_masks(masks, X.shape[0], d)
+        settings = self._kernel_settings(group_masks, d)
+        if not self.align or self.local_search is not None:
+            raise ValueError(
+                "predict needs a global search; this model was fitted with align=False "
+                "or local_search"
+            )
+        data = kernel.prepare_particles(X, settings, group, None)
+        _, result = self._e_step(data, settings, self._orientation_grid(), None, False)
+        return result
+
+    def predict_proba(self, X, masks=None):
+        """Class posteriors of each particle, orientations and shifts marginalised: (N, K)."""
+        return np.exp(self._predict_result(X, masks).class_log_posterior)
+
+    def predict(self, X, masks=None):
+        """Most probable class of each particle."""
+        return np.argmax(self._predict_result(X, masks).class_log_posterior, axis=1)
+
+    def score_samples(self, X, masks=None):
+        """Log-likelihood of each particle under the fitted model."""
+        return self._predict_result(X, masks).log_likelihood
+
+    def score(self, X, y=None, sample_weight=None, masks=None):
+        """Mean log-likelihood per particle (weighted by ``sample_weight`` if given)."""
+        return float(np.average(self.score_samples(X, masks=masks), weights=sample_weight))
+
+
+# ---------------------------------------------------------------------- input helpers
+def _check_volumes(X) -> np.ndarray:
+    """Validate a stack of cubic volumes and return it as C-contiguous float32."""
+    if isinstance(X, list | tuple):
+        X = np.stack([np.asarray(v) for v in X]) if len(X) else np.empty((0,))
+    X = np.asarray(X)
+    if X.dtype == object or not (
+        np.issubdtype(X.dtype, np.floating) or np.issubdtype(X.dtype, np.integer)
+    ):
+        raise ValueError(f"X must hold real numbers, got dtype {X.dtype}")
+    if X.ndim != 4:
+        raise ValueError(
+            f"X must be a stack of volumes with shape (N, D, D, D), got {X.ndim} dimensions "
+            f"(shape {X.shape})"
+        )
+    if not (X.shape[1] == X.shape[2] == X.shape[3]):
+        raise ValueError(f"volumes must be cubic boxes, got non-cubic shape {X.shape[1:]}")
+    if X.shape[0] < 1 or X.shape[1] < 2:
+        raise ValueError(f"X must hold at least one volume of side >= 2, got shape {X.shape}")
+    X = np.ascontiguousarray(X, dtype=np.float32)
+    if not np.all(np.isfinite(X)):
+        bad = np.unique(np.nonzero(~np.isfinite(X))[0])
+        raise ValueError(
+            f"X contains NaN or infinite values in {len(bad)} particle(s), first index {bad[0]}"
+        )
+    return X
+
+
+def _group_masks(masks, n, d):
+    """Distinct masks and the index of each particle's mask among them."""
+    if masks is None:
+        return [FullData()], np.zeros(n, dtype=np.int64)
+    if isinstance(masks, Mask):
+        return [masks], np.zeros(n, dtype=np.int64)
+    if isinstance(masks, np.ndarray) and masks.dtype != object:
+        half = (d, d, d // 2 + 1)
+        if masks.shape == half:
+            return [ArrayMask(masks)], np.zeros(n, dtype=np.int64)
+        if masks.shape != (n, *half):
+            raise ValueError(
+                f"masks array must have shape {half} or {(n, *half)} (half grid of box "
+                f"size {d}), got {masks.shape}"
+            )
+        keys = {}
+        group = np.empty(n, dtype=np.int64)
+        distinct = []
+        for i, m in enumerate(masks):
+            key = np.packbits(m.astype(bool)).tobytes()
+            if key not in keys:
+                keys[key] = len(distinct)
+                distinct.append(ArrayMask(m))
+            group[i] = keys[key]
+        return distinct, group
+    masks = list(masks)
+    if len(masks) != n:
+        raise ValueError(f"masks must give one mask per particle ({n}), got {len(masks)}")
+    distinct, group = [], np.empty(n, dtype=np.int64)
+    for i, m in enumerate(masks):
+        if not isinstance(m, Mask):
+            m = ArrayMask(np.asarray(m))
+        for j, seen in enumerate(distinct):
+            if seen == m:
+                group[i] = j
+                break
+        else:
+            group[i] = len(distinct)
+            distinct.append(m)
+    return distinct, group
+
+
+def _check_rotations(rotations, n, name):
+    if rotations is None:
+        return None
+    if isinstance(rotations, Rotation):
+        matrices = rotations.as_matrix().reshape(-1, 3, 3)
+    else:
+        matrices = np.asarray(rotations, dtype=np.float64)
+        if matrices.ndim != 3 or matrices.shape[1:] != (3, 3):
+            raise ValueError(f"{name} must have shape (n, 3, 3), got {matrices.shape}")
+        if not np.all(np.isfinite(matrices)):
+            raise ValueError(f"{name} contains NaN or infinite values")
+        matrices = Rotation.from_matrix(matrices).as_matrix()
+    if n is not None and len(matrices) != n:
+        raise ValueError(f"{name} must give one rotation per particle ({n}), got {len(matrices)}")
+    if len(matrices) == 0:
+        raise ValueError(f"{name} is empty")
+    return matrices
+
+
+def _check_shifts(shifts, n, d):
+    if shifts is None:
+        return None
+    shifts = np.asarray(shifts, dtype=np.float64)
+    if shifts.shape != (n, 3) or not np.all(np.isfinite(shifts)):
+        raise ValueError(f"init_shifts must be finite with shape {(n, 3)}, got {shifts.shape}")
+    return np.rint(shifts).astype(np.int64)
+
+
+def _symmetrise(refs, group_matrices):
+    out = np.zeros_like(refs, dtype=np.float64)
+    for matrix in group_matrices:
+        for k in range(len(refs)):
+            out[k] += rotate_volume(refs[k], matrix, order=3)
+    return (out / len(group_matrices)).astype(np.float32)

@@ -1,0 +1,191 @@
+"""Behaviour of MissingDataMLClassifier on simulated data, and its scikit-learn API."""
+
+import pickle
+import warnings
+
+import numpy as np
+import pytest
+from sklearn import config_context
+from sklearn.base import clone
+from sklearn.exceptions import NotFittedError
+from sklearn.pipeline import make_pipeline
+
+from mlsubtomo.estimator import MissingDataMLClassifier
+from mlsubtomo.masks import MissingWedge
+from mlsubtomo.metrics import class_purity, orientation_errors
+from mlsubtomo.preprocessing import ParticleNormalizer
+from mlsubtomo.regularization import LinearDecay
+from mlsubtomo.sampling import so3_grid, symmetry_group
+from mlsubtomo.simulate import groel_groes_phantom, groel_phantom, make_dataset
+
+WEDGE = MissingWedge(-60, 60)
+BOX = 16
+VOXEL = 240 / BOX
+
+
+@pytest.fixture(scope="module")
+def phantoms():
+    return [
+        groel_phantom(BOX, VOXEL, 2.5 * VOXEL),
+        groel_groes_phantom(BOX, VOXEL, 2.5 * VOXEL),
+    ]
+
+
+@pytest.fixture(scope="module")
+def two_class_data(phantoms):
+    return make_dataset(phantoms, 60, masks=WEDGE, snr=0.1, max_shift=1, random_state=0)
+
+
+def _orientation_error(data, est, symmetry_of_class):
+    """Median orientation error over particles placed in their majority class."""
+    errors = []
+    for k in np.unique(est.labels_):
+        members = est.labels_ == k
+        true_class = np.bincount(data.labels[members]).argmax()
+        members &= data.labels == true_class
+        group = symmetry_group(symmetry_of_class[true_class]).as_matrix()
+        errors.append(orientation_errors(data.rotations[members], est.rotations_[members], group))
+    return float(np.median(np.concatenate(errors)))
+
+
+def test_recovers_classes_and_orientations(two_class_data):
+    data = two_class_data
+    est = MissingDataMLClassifier(
+        2,
+        angular_step=30,
+        max_shift=1,
+        max_iter=12,
+        regularization=LinearDecay(5.0, 5),
+        random_state=0,
+        n_jobs=2,
+    )
+    est.fit(data.volumes, masks=data.masks)
+    assert class_purity(data.labels, est.labels_) >= 0.95
+    # GroEL is D7-symmetric, GroEL-GroES C7: orientations are defined modulo those.
+    assert _orientation_error(data, est, ["D7", "C7"]) < 30
+    assert np.all(np.isfinite(est.references_))
+
+
+def test_alignment_only_k1(phantoms):
+    data = make_dataset(phantoms[1:], 40, masks=WEDGE, snr=0.1, max_shift=1, random_state=1)
+    est = MissingDataMLClassifier(1, angular_step=30, max_shift=1, max_iter=8, random_state=0)
+    est.fit(data.volumes, masks=data.masks)
+    assert _orientation_error(data, est, ["C7"]) < 30
+
+
+def test_log_likelihood_never_decreases_with_fixed_orientations(phantoms):
+    data = make_dataset(phantoms, 30, masks=WEDGE, snr=0.1, max_shift=1, random_state=2)
+    est = MissingDataMLClassifier(
+        2, rotations=so3_grid(45), max_shift=1, max_iter=10, tol=0, random_state=0
+    )
+    est.fit(data.volumes, masks=data.masks)
+    history = np.asarray(est.log_likelihood_history_)
+    assert len(history) == 11
+    steps = np.diff(history)
+    assert np.all(steps >= -1e-6 * np.abs(history[1:])), steps
+
+
+@pytest.mark.parametrize("case", ["noise_free", "pure_noise", "identical"])
+def test_no_nan_or_inf(phantoms, case):
+    rng = np.random.default_rng(3)
+    if case == "noise_free":
+        data = make_dataset(phantoms, 12, masks=WEDGE, snr=np.inf, random_state=3)
+        X = data.volumes
+    elif case == "pure_noise":
+        X = rng.normal(size=(12, BOX, BOX, BOX)).astype(np.float32)
+    else:
+        X = np.repeat(phantoms[:1], 12, axis=0)
+    est = MissingDataMLClassifier(2, angular_step=60, max_shift=1, max_iter=4, random_state=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        est.fit(X, masks=WEDGE)
+        proba = est.predict_proba(X, masks=WEDGE)
+    for value in (
+        est.references_,
+        est.class_weights_,
+        est.sigma_,
+        est.xi_,
+        est.log_likelihood_history_,
+        est.max_posterior_,
+        est.particle_log_likelihood_,
+        proba,
+    ):
+        assert np.all(np.isfinite(value))
+    assert est.sigma_ > 0
+    np.testing.assert_allclose(proba.sum(axis=1), 1.0, rtol=1e-9)
+
+
+def test_n_jobs_does_not_change_results(phantoms):
+    data = make_dataset(phantoms, 16, masks=WEDGE, snr=0.2, max_shift=1, random_state=4)
+    params = dict(angular_step=45, max_shift=1, max_iter=3, random_state=0)
+    one = MissingDataMLClassifier(2, n_jobs=1, **params).fit(data.volumes, masks=WEDGE)
+    two = MissingDataMLClassifier(2, n_jobs=2, **params).fit(data.volumes, masks=WEDGE)
+    np.testing.assert_array_equal(one.labels_, two.labels_)
+    scale = np.abs(one.references_).max()
+    np.testing.assert_allclose(two.references_, one.references_, atol=1e-5 * scale)
+
+
+def test_sklearn_api(phantoms):
+    data = make_dataset(phantoms, 10, masks=WEDGE, snr=0.5, random_state=5)
+    est = MissingDataMLClassifier(2, angular_step=60, max_shift=0, max_iter=2, random_state=0)
+    with pytest.raises(NotFittedError):
+        est.predict(data.volumes, masks=WEDGE)
+    copy = clone(est)
+    assert copy.get_params() == est.get_params()
+    copy.set_params(n_classes=3)
+    assert copy.n_classes == 3 and est.n_classes == 2
+
+    labels = est.fit_predict(data.volumes, masks=WEDGE)
+    np.testing.assert_array_equal(labels, est.labels_)
+    np.testing.assert_array_equal(est.predict(data.volumes, masks=WEDGE), est.labels_)
+    restored = pickle.loads(pickle.dumps(est))
+    np.testing.assert_array_equal(
+        restored.predict_proba(data.volumes, masks=WEDGE),
+        est.predict_proba(data.volumes, masks=WEDGE),
+    )
+    scores = est.score_samples(data.volumes, masks=WEDGE)
+    np.testing.assert_allclose(scores, est.particle_log_likelihood_, rtol=1e-10)
+    assert est.score(data.volumes, masks=WEDGE) == pytest.approx(scores.mean())
+    np.testing.assert_allclose(
+        est.euler_angles_[:, 1], np.degrees(np.arccos(np.clip(est.rotations_[:, 2, 2], -1, 1)))
+    )
+
+
+def test_pipeline_with_routed_masks(phantoms):
+    data = make_dataset(phantoms, 10, masks=WEDGE, snr=0.5, random_state=6)
+    X = data.volumes * 7.0 + 3.0  # a different grey scale, undone by the normaliser
+    with config_context(enable_metadata_routing=True):
+        est = MissingDataMLClassifier(2, angular_step=60, max_shift=0, max_iter=2, random_state=0)
+        est.set_fit_request(masks=True).set_predict_request(masks=True)
+        est.set_score_request(masks=True)
+        pipe = make_pipeline(ParticleNormalizer(), est)
+        pipe.fit(X, masks=WEDGE)
+        labels = pipe.predict(X, masks=WEDGE)
+        assert np.isfinite(pipe.score(X, masks=WEDGE))
+    direct = clone(est).fit(ParticleNormalizer().fit_transform(X), masks=WEDGE)
+    np.testing.assert_array_equal(labels, direct.labels_)
+
+
+@pytest.mark.parametrize(
+    "kwargs, X_shape, message",
+    [
+        ({"n_classes": 0}, (4, 8, 8, 8), "n_classes"),
+        ({"n_classes": 5}, (4, 8, 8, 8), "exceeds the number of particles"),
+        ({"angular_step": 0}, (4, 8, 8, 8), "angular_step"),
+        ({"max_shift": 4}, (4, 8, 8, 8), "max_shift"),
+        ({"missing_data": "ignore"}, (4, 8, 8, 8), "missing_data"),
+        ({}, (4, 8, 8, 9), "non-cubic"),
+        ({}, (8, 8, 8), "shape \\(N, D, D, D\\)"),
+    ],
+)
+def test_bad_input_is_named(kwargs, X_shape, message):
+    X = np.random.default_rng(0).normal(size=X_shape)
+    with pytest.raises(ValueError, match=message):
+        MissingDataMLClassifier(**{"max_iter": 1, **kwargs}).fit(X)
+
+
+def test_nan_input_is_named():
+    X = np.random.default_rng(0).normal(size=(4, 8, 8, 8))
+    X[2, 1, 1, 1] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        MissingDataMLClassifier(max_iter=1).fit(X)
