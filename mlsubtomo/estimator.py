@@ -28,6 +28,9 @@ _MISSING_DATA = ("impute", "weighted_average")
 # sigma never falls below this fraction of the data's RMS per observed component, so
 # that noise-free data give large but finite scores instead of a division by zero.
 _SIGMA_FLOOR = 1e-5
+# Rotated references of one iteration up to this size are computed once and shared
+# by all particle chunks; larger sets are rotated block by block inside each chunk.
+_SHARED_TRANSFORM_BYTES = 1 << 30
 
 
 class MissingDataMLClassifier(DensityMixin, BaseEstimator):
@@ -90,9 +93,10 @@ class MissingDataMLClassifier(DensityMixin, BaseEstimator):
         Number of EM iterations at most.
     tol : float, default=1e-5
         Stop when the mean log-likelihood per particle changes by less than this.
-    pruning_threshold : float, default=0.0
+    pruning_threshold : float, default=1e-8
         (particle, class, orientation) pairs whose best posterior is below this
-        fraction of the particle's best are left out of the statistics; 0 is exact.
+        fraction of the particle's best are left out of the statistics (xmipp's
+        SIGNIFICANT_WEIGHT_LOW); 0 keeps every pair and is exact.
     interpolation_order : int, default=1
         Spline order of the real-space rotations (1: trilinear).
     fft_backend : {"pyfftw", "scipy"}, default="pyfftw"
@@ -156,7 +160,7 @@ class MissingDataMLClassifier(DensityMixin, BaseEstimator):
         local_search=None,
         max_iter=40,
         tol=1e-5,
-        pruning_threshold=0.0,
+        pruning_threshold=1e-8,
         interpolation_order=1,
         fft_backend="pyfftw",
         n_jobs=None,
@@ -426,19 +430,33 @@ class MissingDataMLClassifier(DensityMixin, BaseEstimator):
         search = self._search_space(rotations)
         model = self._model()
         n_workers = min(effective_n_jobs(self.n_jobs), n)
+        transforms = self._shared_transforms(model, search, settings, n_workers)
         chunks = np.array_split(np.arange(n), n_workers)
         parts = [data.subset(c, None if candidates is None else candidates[c]) for c in chunks]
         if n_workers == 1:
-            results = [kernel.e_step(parts[0], model, search, settings, accumulate)]
+            results = [kernel.e_step(parts[0], model, search, settings, accumulate, transforms)]
         else:
             results = Parallel(n_jobs=n_workers)(
-                delayed(kernel.e_step)(part, model, search, settings, accumulate)
+                delayed(kernel.e_step)(part, model, search, settings, accumulate, transforms)
                 for part in parts
             )
         result = kernel.ChunkResult.concatenate(results)
         result.rotations = search.rotations[result.best_rotation]
         stats = sum(r.statistics for r in results) if accumulate else None
         return stats, result
+
+    def _shared_transforms(self, model, search, settings, n_workers):
+        """The rotated references of this E-step, made once for all chunks if they fit."""
+        d = self._box_size
+        size = model.references.shape[0] * len(search.rotations) * d * d * (d // 2 + 1) * 8
+        if size > _SHARED_TRANSFORM_BYTES:
+            return None
+        blocks = np.array_split(np.arange(len(search.rotations)), n_workers)
+        parts = Parallel(n_jobs=n_workers)(
+            delayed(kernel.rotated_transforms)(model.references, search.rotations[b], settings)
+            for b in blocks
+        )
+        return np.concatenate(parts, axis=1)
 
     def _m_step(self, stats: SufficientStatistics, theta: float) -> None:
         """Update the model from the sufficient statistics (design section 2b)."""

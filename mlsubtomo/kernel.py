@@ -300,14 +300,21 @@ def local_candidates(grid: np.ndarray, centres: np.ndarray, max_angle: float) ->
 
 
 def rotated_transforms(
-    references: np.ndarray, rotations: np.ndarray, order: int, backend: FFTBackend
+    references: np.ndarray, rotations: np.ndarray, settings: KernelSettings
 ) -> np.ndarray:
-    """Centred half-grid transforms of every reference at every rotation, (K, b, ...)."""
+    """Centred half-grid transforms of every reference at every rotation, (K, b, ...).
+
+    Computing these once per iteration and passing them to :func:`e_step` saves each
+    particle chunk from rotating the references itself.
+    """
+    backend = FFTBackend(settings.fft_backend, settings.threads)
     k, d = references.shape[0], references.shape[-1]
     rotated = np.empty((k, len(rotations), d, d, d), dtype=np.float32)
     for ki in range(k):
         for ri, matrix in enumerate(rotations):
-            rotated[ki, ri] = rotate_volume(references[ki], matrix, order=order)
+            rotated[ki, ri] = rotate_volume(
+                references[ki], matrix, order=settings.interpolation_order
+            )
     return backend.rfftn(centre_for_fft(rotated))
 
 
@@ -375,6 +382,7 @@ def e_step(
     search: SearchSpace,
     settings: KernelSettings,
     accumulate: bool = True,
+    transforms: np.ndarray | None = None,
 ) -> ChunkResult:
     """Score a chunk of particles against the model; optionally accumulate statistics.
 
@@ -387,6 +395,9 @@ def e_step(
     accumulate : bool, default=True
         Also compute the sufficient statistics (a second pass over the pairs whose
         posterior is not negligible).
+    transforms : ndarray of shape (K, R, D, D, D//2+1), optional
+        :func:`rotated_transforms` of the model at ``search.rotations``; computed
+        block by block here when not given.
 
     Returns
     -------
@@ -401,18 +412,21 @@ def e_step(
     pair_arg = np.zeros((n, n_classes, n_rot), dtype=np.int32)
     blocks = _blocks(n_rot, settings.orientation_block)
 
+    def block_transforms(block):
+        if transforms is not None:
+            return transforms[:, block]
+        return rotated_transforms(model.references, search.rotations[block], settings)
+
     for block in blocks:
         particles, local = _pairs(chunk, block)
         if len(particles) == 0:
             continue
-        transforms = rotated_transforms(
-            model.references, search.rotations[block], settings.interpolation_order, backend
-        )
-        power = scorer.masked_power(transforms)
+        rotated = block_transforms(block)
+        power = scorer.masked_power(rotated)
         for k in active:
             for s in range(0, len(particles), scorer.batch):
                 p, r = particles[s : s + scorer.batch], local[s : s + scorer.batch]
-                score, _ = scorer.scores(k, p, transforms[k, r], power[chunk.group[p], k, r])
+                score, _ = scorer.scores(k, p, rotated[k, r], power[chunk.group[p], k, r])
                 rot = block[r]
                 pair_max[p, k, rot] = score.max(axis=1)
                 pair_arg[p, k, rot] = score.argmax(axis=1)
@@ -440,7 +454,7 @@ def e_step(
             kept_mass = np.sum(np.where(kept, np.exp(pair_lse - lse[:, None, None]), 0.0), (1, 2))
             log_norm = lse + np.log(kept_mass)
         result.statistics = _accumulate(
-            chunk, model, search, settings, scorer, kept, log_norm, blocks, backend
+            chunk, model, search, settings, scorer, kept, log_norm, blocks, block_transforms
         )
         result.statistics.log_likelihood = float(np.sum(log_likelihood))
     return result
@@ -454,8 +468,9 @@ def _significant_pairs(pair_max, pair_lse, threshold):
     return np.isfinite(pair_lse) & (np.exp(pair_max - best) > 0)
 
 
-def _accumulate(chunk, model, search, settings, scorer, kept, log_norm, blocks, backend):
+def _accumulate(chunk, model, search, settings, scorer, kept, log_norm, blocks, block_transforms):
     """Second pass: the sufficient statistics over the significant pairs."""
+    backend = scorer.backend
     d = scorer.d
     half = half_grid_shape(d)
     n_classes = model.references.shape[0]
@@ -469,19 +484,15 @@ def _accumulate(chunk, model, search, settings, scorer, kept, log_norm, blocks, 
         block_kept = kept[:, :, block]
         if not block_kept.any():
             continue
-        transforms = rotated_transforms(
-            model.references, search.rotations[block], settings.interpolation_order, backend
-        )
-        power = scorer.masked_power(transforms)
+        rotated = block_transforms(block)
+        power = scorer.masked_power(rotated)
         sums = np.zeros((n_classes, len(block), *half), dtype=np.complex128)
         mass = np.zeros((n_groups, n_classes, len(block)))
         for k in range(n_classes):
             particles, local = np.nonzero(block_kept[:, k, :])
             for s in range(0, len(particles), scorer.batch):
                 p, r = particles[s : s + scorer.batch], local[s : s + scorer.batch]
-                score, residual = scorer.scores(
-                    k, p, transforms[k, r], power[chunk.group[p], k, r]
-                )
+                score, residual = scorer.scores(k, p, rotated[k, r], power[chunk.group[p], k, r])
                 gamma = np.exp(score - log_norm[p, None])
                 pair_mass = gamma.sum(axis=1)
                 stats.class_sums[k] += pair_mass.sum()
@@ -501,12 +512,15 @@ def _shift_back_sums(gamma, particles, local, n_block, chunk, scorer, backend):
     """
     d = scorer.d
     grid = np.zeros((len(particles), d**3), dtype=np.float32)
-    grid[:, scorer.flat_shift] = gamma
-    phases = np.conj(backend.rfftn(grid.reshape(-1, d, d, d))) * np.float32(scorer.scale)
-    weighted = (phases * chunk.data[particles]).reshape(len(particles), -1)
-    onehot = np.zeros((n_block, len(particles)), dtype=np.complex64)
-    onehot[local, np.arange(len(particles))] = 1.0
-    return (onehot @ weighted).astype(np.complex128).reshape(n_block, *chunk.data.shape[1:])
+    grid[:, scorer.flat_shift] = gamma * scorer.scale
+    weighted = np.conj(backend.rfftn(grid.reshape(-1, d, d, d)))
+    weighted *= chunk.data[particles]
+    # Sum the pairs of each orientation: sort by orientation, add contiguous runs.
+    order = np.argsort(local, kind="stable")
+    present, starts = np.unique(local[order], return_index=True)
+    sums = np.zeros((n_block, *chunk.data.shape[1:]), dtype=np.complex128)
+    sums[present] = np.add.reduceat(weighted[order], starts, axis=0, dtype=np.complex128)
+    return sums
 
 
 def _rotate_back(stats, sums, mass, rotations, settings, backend, d):

@@ -152,6 +152,7 @@ def _fit(data, variant):
         weighted_average_threshold=THRESHOLD,
         regularization=None if cfg["theta"] is None else Constant(cfg["theta"]),
         perturb=False,
+        pruning_threshold=0.0,
         random_state=0,
         tol=0,
     )
