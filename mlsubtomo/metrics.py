@@ -6,7 +6,7 @@ import numpy as np
 from scipy.optimize import linear_sum_assignment
 from scipy.spatial.transform import Rotation
 
-__all__ = ["class_purity", "orientation_errors"]
+__all__ = ["class_purity", "classified_orientation_errors", "orientation_errors"]
 
 
 def class_purity(labels_true, labels_pred) -> float:
@@ -77,3 +77,42 @@ def orientation_errors(rotations_true, rotations_pred, symmetry_matrices=None) -
     aligned = mates[np.arange(len(true)), choice]
     offset = Rotation.from_matrix(np.einsum("nji,njk->nik", aligned, pred)).mean().as_matrix()
     return np.degrees(errors_for(offset)[0])
+
+
+def classified_orientation_errors(
+    labels_true, labels_pred, rotations_true, rotations_pred, symmetries=None
+) -> np.ndarray:
+    """Orientation errors of the particles each found class shares with its true class.
+
+    Each found class is matched to the true class most of its particles come from;
+    those particles' errors are measured with :func:`orientation_errors` (one global
+    rotation per found class), the others are left out.
+
+    Parameters
+    ----------
+    labels_true, labels_pred : array-like of shape (N,)
+    rotations_true, rotations_pred : array-like of shape (N, 3, 3)
+    symmetries : sequence of (S, 3, 3) arrays or None, optional
+        Point group of each true class, indexed by its label.
+
+    Returns
+    -------
+    ndarray of the errors in degrees, concatenated over found classes.
+    """
+    t = np.asarray(labels_true)
+    p = np.asarray(labels_pred)
+    errors = []
+    for k in np.unique(p):
+        members = p == k
+        values, counts = np.unique(t[members], return_counts=True)
+        true_class = values[np.argmax(counts)]
+        members &= t == true_class
+        if members.sum() < 2:
+            continue
+        group = None if symmetries is None else symmetries[true_class]
+        errors.append(
+            orientation_errors(
+                np.asarray(rotations_true)[members], np.asarray(rotations_pred)[members], group
+            )
+        )
+    return np.concatenate(errors) if errors else np.empty(0)

@@ -12,7 +12,7 @@ from sklearn.pipeline import make_pipeline
 
 from mlsubtomo.estimator import MissingDataMLClassifier
 from mlsubtomo.masks import MissingWedge
-from mlsubtomo.metrics import class_purity, orientation_errors
+from mlsubtomo.metrics import class_purity, classified_orientation_errors
 from mlsubtomo.preprocessing import ParticleNormalizer
 from mlsubtomo.regularization import LinearDecay
 from mlsubtomo.sampling import so3_grid, symmetry_group
@@ -38,14 +38,11 @@ def two_class_data(phantoms):
 
 def _orientation_error(data, est, symmetry_of_class):
     """Median orientation error over particles placed in their majority class."""
-    errors = []
-    for k in np.unique(est.labels_):
-        members = est.labels_ == k
-        true_class = np.bincount(data.labels[members]).argmax()
-        members &= data.labels == true_class
-        group = symmetry_group(symmetry_of_class[true_class]).as_matrix()
-        errors.append(orientation_errors(data.rotations[members], est.rotations_[members], group))
-    return float(np.median(np.concatenate(errors)))
+    groups = [symmetry_group(name).as_matrix() for name in symmetry_of_class]
+    errors = classified_orientation_errors(
+        data.labels, est.labels_, data.rotations, est.rotations_, groups
+    )
+    return float(np.median(errors))
 
 
 def test_recovers_classes_and_orientations(two_class_data):
