@@ -33,7 +33,216 @@ _SIGMA_FLOOR = 1e-5
 _SHARED_TRANSFORM_BYTES = 1 << 30
 
 
-class MissingDataMLClassifier(DensityMixin, BaseEstimator):
+class _SubtomogramClassifier(BaseEstimator):
+    """What the ML estimator and the cross-correlation baseline share.
+
+    Input checks, masks, orientation sets, the paper's initial references, running
+    the kernel over particle chunks with joblib, and storing per-particle poses.
+    Subclasses set their hyper-parameters and implement the iteration.
+    """
+
+    def _check_common(self, n_particles: int, box_size: int) -> None:
+        _check_integer(self, "n_classes", 1)
+        if self.n_classes > n_particles:
+            raise ValueError(
+                f"n_classes={self.n_classes} exceeds the number of particles ({n_particles})"
+            )
+        _check_real(self, "angular_step", 0.0, 180.0, low_open=True)
+        if self.max_shift is not None:
+            _check_integer(self, "max_shift", 0)
+            if self.max_shift >= box_size / 2 and self.max_shift > 0:
+                raise ValueError(
+                    f"max_shift={self.max_shift} must be smaller than half the box ({box_size}/2)"
+                )
+        if self.max_resolution is not None:
+            _check_real(self, "max_resolution", 0.0, np.sqrt(3) / 2, low_open=True)
+        _check_real(self, "weighted_average_threshold", 0.0)
+        if self.local_search is not None:
+            _check_real(self, "local_search", 0.0, 180.0, low_open=True)
+        _check_integer(self, "max_iter", 0)
+        _check_real(self, "tol", 0.0)
+        _check_integer(self, "interpolation_order", 0)
+        if self.interpolation_order > 5:
+            raise ValueError(
+                f"interpolation_order must be at most 5, got {self.interpolation_order}"
+            )
+        if self.fft_backend not in ("pyfftw", "scipy"):
+            raise ValueError(
+                f"fft_backend must be 'pyfftw' or 'scipy', got {self.fft_backend!r}"
+            )
+        check_schedule(self.regularization)
+        symmetry_group(self.symmetry)
+
+    def _prepare_fit(self, X, masks, init_rotations, init_shifts):
+        """Validated inputs and prepared particles for ``fit``."""
+        X = _check_volumes(X)
+        n, d = X.shape[0], X.shape[-1]
+        self._check_parameters(n, d)
+        group_masks, group = _group_masks(masks, n, d)
+        settings = self._kernel_settings(group_masks, d)
+        init_rotations = _check_rotations(init_rotations, n, "init_rotations")
+        init_shifts = _check_shifts(init_shifts, n, d)
+        if (not self.align or self.local_search is not None) and init_rotations is None:
+            raise ValueError("init_rotations are required with align=False or local_search")
+        base_shifts = init_shifts if not self.align else None
+        data = kernel.prepare_particles(X, settings, group, base_shifts)
+        self._data_rms = float(np.sqrt(np.sum(data.power) / np.sum(data.n_observed)))
+        self._band_weights = kernel.band_weights(d, self.max_resolution)
+        self._box_size = d
+        return data, settings, init_rotations, init_shifts, base_shifts
+
+    def _prepare_predict(self, X, masks):
+        """Validated inputs and prepared particles for prediction with the fitted model."""
+        check_is_fitted(self, "references_")
+        X = _check_volumes(X)
+        d = X.shape[-1]
+        if d != self._box_size:
+            raise ValueError(f"X has box size {d}, the model was fitted with {self._box_size}")
+        if not self.align or self.local_search is not None:
+            raise ValueError(
+                "predict needs a global search; this model was fitted with align=False "
+                "or local_search"
+            )
+        group_masks, group = _group_masks(masks, X.shape[0], d)
+        settings = self._kernel_settings(group_masks, d)
+        return kernel.prepare_particles(X, settings, group, None), settings
+
+    def _kernel_settings(self, group_masks, d):
+        arrays = np.stack(
+            [m.observed(d, max_resolution=self.max_resolution) for m in group_masks]
+        )
+        for m, a in zip(group_masks, arrays, strict=True):
+            if not a.any():
+                raise ValueError(
+                    f"mask {m!r} observes no Fourier component inside max_resolution="
+                    f"{self.max_resolution} for box size {d}"
+                )
+        return kernel.KernelSettings(
+            masks=list(group_masks),
+            mask_arrays=arrays,
+            max_resolution=self.max_resolution,
+            pruning_threshold=float(getattr(self, "pruning_threshold", 0.0)),
+            interpolation_order=int(self.interpolation_order),
+            fft_backend=self.fft_backend,
+        )
+
+    def _orientation_grid(self) -> np.ndarray:
+        if self.rotations is not None:
+            return _check_rotations(self.rotations, None, "rotations")
+        return so3_grid(self.angular_step, self.symmetry).as_matrix()
+
+    def _iteration_rotations(self, grid, rng):
+        """The grid, randomly rotated as a whole when perturbation is on."""
+        if self.perturb and self.rotations is None and self.align:
+            return perturb(Rotation.from_matrix(grid), self.angular_step, rng).as_matrix()
+        return grid
+
+    def _shift_limit(self, xi=None):
+        """Half-width of the shift cube; a circular shift is never counted twice."""
+        d = self._box_size
+        if not self.align:
+            return 0
+        limit = (d - 1) // 2
+        if xi is not None:
+            limit = min(limit, int(np.ceil(6 * xi)))
+        if self.max_shift is not None:
+            limit = min(limit, self.max_shift)
+        return limit
+
+    def _run_kernel(self, function, data, model, search, current_rotations, **kwargs):
+        """Run a kernel function over particle chunks (joblib) and join the results."""
+        n = len(data)
+        candidates = None
+        if not self.align:
+            search.rotations = current_rotations
+            candidates = np.eye(n, dtype=bool)
+        elif self.local_search is not None:
+            candidates = kernel.local_candidates(
+                search.rotations, current_rotations, self.local_search
+            )
+        n_workers = min(effective_n_jobs(self.n_jobs), n)
+        transforms = self._shared_transforms(model, search, kwargs["settings"], n_workers)
+        chunks = np.array_split(np.arange(n), n_workers)
+        parts = [data.subset(c, None if candidates is None else candidates[c]) for c in chunks]
+        if n_workers == 1:
+            results = [function(parts[0], model, search, transforms=transforms, **kwargs)]
+        else:
+            results = Parallel(n_jobs=n_workers)(
+                delayed(function)(part, model, search, transforms=transforms, **kwargs)
+                for part in parts
+            )
+        result = kernel.ChunkResult.concatenate(results)
+        result.rotations = search.rotations[result.best_rotation]
+        return result, [r.statistics for r in results]
+
+    def _shared_transforms(self, model, search, settings, n_workers):
+        """The rotated references of this E-step, made once for all chunks if they fit."""
+        d = self._box_size
+        size = model.references.shape[0] * len(search.rotations) * d * d * (d // 2 + 1) * 8
+        if size > _SHARED_TRANSFORM_BYTES:
+            return None
+        blocks = np.array_split(np.arange(len(search.rotations)), n_workers)
+        parts = Parallel(n_jobs=n_workers)(
+            delayed(kernel.rotated_transforms)(model.references, search.rotations[b], settings)
+            for b in blocks
+        )
+        return np.concatenate(parts, axis=1)
+
+    def _initial_references(self, data, settings, rng, init_rotations, init_shifts):
+        """Given references, or the paper's weighted averages of random subsets."""
+        n, d, k = len(data), self._box_size, self.n_classes
+        if self.init_references is not None:
+            refs = np.asarray(self.init_references, dtype=np.float64)
+            if refs.shape != (k, d, d, d) or not np.all(np.isfinite(refs)):
+                raise ValueError(
+                    f"init_references must be finite with shape {(k, d, d, d)}, got "
+                    f"{refs.shape}"
+                )
+            return kernel.to_fourier(refs, self.fft_backend)
+        # K random subsets, each particle in a random orientation (or the one given).
+        labels = np.empty(n, dtype=np.int64)
+        labels[rng.permutation(n)] = np.arange(n) % k
+        if init_rotations is None:
+            rotations = Rotation.random(n, random_state=rng).as_matrix()
+        else:
+            rotations = init_rotations
+        shifts = init_shifts if init_shifts is not None and self.align else np.zeros((n, 3))
+        stats = kernel.hard_statistics(data, labels, rotations, shifts, k, settings)
+        return self._weighted_average(stats, np.zeros_like(stats.data_sums))
+
+    def _weighted_average(self, stats, previous):
+        """``B_k / W_k`` where ``W_k`` exceeds the threshold, else 0; empty classes keep theirs."""
+        counts = stats.observation_counts
+        with np.errstate(divide="ignore", invalid="ignore"):
+            average = np.where(
+                counts > self.weighted_average_threshold, stats.data_sums / counts, 0.0
+            )
+        empty = stats.class_sums <= 0
+        average[empty] = previous[empty]
+        return average
+
+    def _set_references(self, references_hat):
+        """Band-limit and symmetrise the class averages; keep both representations."""
+        refs = kernel.to_real(
+            references_hat * self._band_weights.astype(bool), self._box_size, self.fft_backend
+        )
+        group = symmetry_group(self.symmetry)
+        if len(group) > 1:
+            refs = _symmetrise(refs, group.as_matrix())
+        self._references_hat = kernel.to_fourier(refs, self.fft_backend)
+        self._references_real = refs.astype(np.float32)
+        self.references_ = self._references_real.copy()
+
+    def _store_pose(self, result, base_shifts):
+        self.rotations_ = result.rotations
+        shifts = result.best_shift
+        if base_shifts is not None:
+            shifts = shifts + base_shifts
+        self.shifts_ = shifts
+        self.euler_angles_ = euler_from_matrix(self.rotations_)
+
+
+class MissingDataMLClassifier(DensityMixin, _SubtomogramClassifier):
     """Maximum-likelihood alignment and classification of maps with missing Fourier data.
 
     Class, orientation, integer shift and the unobserved Fourier components of each
@@ -199,61 +408,16 @@ class MissingDataMLClassifier(DensityMixin, BaseEstimator):
 
     # ------------------------------------------------------------------ validation
     def _check_parameters(self, n_particles: int, box_size: int) -> None:
-        def integer(name, low):
-            value = getattr(self, name)
-            if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < low:
-                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-
-        def real(name, low, high=np.inf, low_open=False):
-            value = getattr(self, name)
-            ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
-            ok = ok and np.isfinite(value) and value <= high
-            ok = ok and (value > low if low_open else value >= low)
-            if not ok:
-                bound = f"> {low}" if low_open else f">= {low}"
-                raise ValueError(
-                    f"{name} must be a finite number {bound}, <= {high}; got {value!r}"
-                )
-
-        integer("n_classes", 1)
-        if self.n_classes > n_particles:
-            raise ValueError(
-                f"n_classes={self.n_classes} exceeds the number of particles ({n_particles})"
-            )
-        real("angular_step", 0.0, 180.0, low_open=True)
-        if self.max_shift is not None:
-            integer("max_shift", 0)
-            if self.max_shift >= box_size / 2 and self.max_shift > 0:
-                raise ValueError(
-                    f"max_shift={self.max_shift} must be smaller than half the box ({box_size}/2)"
-                )
-        if self.max_resolution is not None:
-            real("max_resolution", 0.0, np.sqrt(3) / 2, low_open=True)
+        self._check_common(n_particles, box_size)
         if self.missing_data not in _MISSING_DATA:
             raise ValueError(
                 f"missing_data must be one of {_MISSING_DATA}, got {self.missing_data!r}"
             )
-        integer("n_impute_iter", 1)
-        real("weighted_average_threshold", 0.0)
+        _check_integer(self, "n_impute_iter", 1)
         if self.init_sigma is not None:
-            real("init_sigma", 0.0, low_open=True)
-        real("init_xi", 0.0)
-        if self.local_search is not None:
-            real("local_search", 0.0, 180.0, low_open=True)
-        integer("max_iter", 0)
-        real("tol", 0.0)
-        real("pruning_threshold", 0.0, 1.0)
-        integer("interpolation_order", 0)
-        if self.interpolation_order > 5:
-            raise ValueError(
-                f"interpolation_order must be at most 5, got {self.interpolation_order}"
-            )
-        if self.fft_backend not in ("pyfftw", "scipy"):
-            raise ValueError(
-                f"fft_backend must be 'pyfftw' or 'scipy', got {self.fft_backend!r}"
-            )
-        check_schedule(self.regularization)
-        symmetry_group(self.symmetry)
+            _check_real(self, "init_sigma", 0.0, low_open=True)
+        _check_real(self, "init_xi", 0.0)
+        _check_real(self, "pruning_threshold", 0.0, 1.0)
 
     # ------------------------------------------------------------------ fitting
     def fit(self, X, y=None, *, masks=None, init_rotations=None, init_shifts=None):
@@ -281,22 +445,11 @@ class MissingDataMLClassifier(DensityMixin, BaseEstimator):
 
     def fit_predict(self, X, y=None, *, masks=None, init_rotations=None, init_shifts=None):
         """Fit the model and return the class of each particle (``labels_``)."""
-        X = _check_volumes(X)
-        n, d = X.shape[0], X.shape[-1]
-        self._check_parameters(n, d)
+        data, settings, init_rotations, init_shifts, base_shifts = self._prepare_fit(
+            X, masks, init_rotations, init_shifts
+        )
+        n = len(data)
         rng = check_random_state(self.random_state)
-        group_masks, group = _group_masks(masks, n, d)
-        settings = self._kernel_settings(group_masks, d)
-        init_rotations = _check_rotations(init_rotations, n, "init_rotations")
-        init_shifts = _check_shifts(init_shifts, n, d)
-        if (not self.align or self.local_search is not None) and init_rotations is None:
-            raise ValueError("init_rotations are required with align=False or local_search")
-        base_shifts = init_shifts if not self.align else None
-        data = kernel.prepare_particles(X, settings, group, base_shifts)
-        self._data_rms = float(np.sqrt(np.sum(data.power) / np.sum(data.n_observed)))
-        self._band_weights = kernel.band_weights(d, self.max_resolution)
-        self._box_size = d
-
         if not (self.warm_start and hasattr(self, "references_")):
             self._initialize(data, settings, rng, init_rotations, init_shifts)
         schedule = check_schedule(self.regularization)
@@ -304,6 +457,8 @@ class MissingDataMLClassifier(DensityMixin, BaseEstimator):
         current_rotations = init_rotations
         self.log_likelihood_history_ = []
         self.converged_ = False
+        self.n_iter_ = 0
+        previous_labels = None
         iterations = range(self.max_iter)
         if self.verbose:
             from tqdm.auto import tqdm
@@ -311,107 +466,41 @@ class MissingDataMLClassifier(DensityMixin, BaseEstimator):
             iterations = tqdm(iterations, desc="EM", unit="iter")
         for iteration in iterations:
             start = time.perf_counter()
-            rotations = grid
-            if self.perturb and self.rotations is None and self.align:
-                rotations = perturb(Rotation.from_matrix(grid), self.angular_step, rng).as_matrix()
+            rotations = self._iteration_rotations(grid, rng)
             stats, result = self._e_step(data, settings, rotations, current_rotations, True)
             self.log_likelihood_history_.append(stats.log_likelihood)
-            previous_labels = getattr(self, "_last_labels", None)
-            self._last_labels = np.argmax(result.class_log_posterior, axis=1)
+            labels = np.argmax(result.class_log_posterior, axis=1)
             if self.local_search is not None:
                 current_rotations = result.rotations
             self._m_step(stats, schedule(iteration))
-            self._log_iteration(iteration, stats, previous_labels, time.perf_counter() - start)
+            self.n_iter_ = iteration + 1
+            self._log_iteration(iteration, stats, previous_labels, labels, start)
+            previous_labels = labels
             if iteration > 0:
                 change = (self.log_likelihood_history_[-1] - self.log_likelihood_history_[-2]) / n
                 if abs(change) < self.tol:
                     self.converged_ = True
-                    self.n_iter_ = iteration + 1
                     break
-        else:
-            self.n_iter_ = self.max_iter
-        if self.max_iter == 0:
-            self.n_iter_ = 0
 
         _, result = self._e_step(data, settings, grid, current_rotations, False)
         self.log_likelihood_history_.append(float(np.sum(result.log_likelihood)))
         self.lower_bound_ = self.log_likelihood_history_[-1]
-        self._store_particle_results(result, base_shifts)
+        self.labels_ = np.argmax(result.class_log_posterior, axis=1)
+        self._store_pose(result, base_shifts)
+        self.max_posterior_ = result.max_posterior
+        self.particle_log_likelihood_ = result.log_likelihood
         return self.labels_
-
-    def _kernel_settings(self, group_masks, d):
-        arrays = np.stack(
-            [m.observed(d, max_resolution=self.max_resolution) for m in group_masks]
-        )
-        for m, a in zip(group_masks, arrays, strict=True):
-            if not a.any():
-                raise ValueError(
-                    f"mask {m!r} observes no Fourier component inside max_resolution="
-                    f"{self.max_resolution} for box size {d}"
-                )
-        return kernel.KernelSettings(
-            masks=list(group_masks),
-            mask_arrays=arrays,
-            max_resolution=self.max_resolution,
-            pruning_threshold=float(self.pruning_threshold),
-            interpolation_order=int(self.interpolation_order),
-            fft_backend=self.fft_backend,
-        )
-
-    def _orientation_grid(self) -> np.ndarray:
-        if self.rotations is not None:
-            return _check_rotations(self.rotations, None, "rotations")
-        return so3_grid(self.angular_step, self.symmetry).as_matrix()
 
     def _initialize(self, data, settings, rng, init_rotations, init_shifts):
         """Model parameters before the first iteration."""
-        n, d, k = len(data), self._box_size, self.n_classes
-        if self.init_references is not None:
-            refs = np.asarray(self.init_references, dtype=np.float64)
-            if refs.shape != (k, d, d, d) or not np.all(np.isfinite(refs)):
-                raise ValueError(
-                    f"init_references must be finite with shape {(k, d, d, d)}, got "
-                    f"{refs.shape}"
-                )
-            self._references_hat = kernel.to_fourier(refs, self.fft_backend)
-        else:
-            # The paper's start: weighted averages of K random subsets in random orientations.
-            labels = np.empty(n, dtype=np.int64)
-            labels[rng.permutation(n)] = np.arange(n) % k
-            if init_rotations is None:
-                rotations = Rotation.random(n, random_state=rng).as_matrix()
-            else:
-                rotations = init_rotations
-            shifts = init_shifts if init_shifts is not None and self.align else np.zeros((n, 3))
-            stats = kernel.hard_statistics(data, labels, rotations, shifts, k, settings)
-            self._references_hat = self._weighted_average(stats, np.zeros_like(stats.data_sums))
-        self._references_hat = self._references_hat * self._band_weights.astype(bool)
+        k = self.n_classes
         self.class_weights_ = np.full(k, 1.0 / k)
         sigma = self.init_sigma if self.init_sigma is not None else self._data_rms
         self.sigma_ = float(sigma)
         self.xi_ = float(self.init_xi)
-        self._update_references()
-
-    def _weighted_average(self, stats, previous):
-        counts = stats.observation_counts
-        with np.errstate(divide="ignore", invalid="ignore"):
-            average = np.where(
-                counts > self.weighted_average_threshold, stats.data_sums / counts, 0.0
-            )
-        empty = stats.class_sums <= 0
-        average[empty] = previous[empty]
-        return average
-
-    def _search_space(self, rotations):
-        d = self._box_size
-        if not self.align:
-            limit = 0
-        else:
-            limit = min(int(np.ceil(6 * self.xi_)), d // 2)
-            if self.max_shift is not None:
-                limit = min(limit, self.max_shift)
-        shifts, log_prior = kernel.shift_window(limit, self.xi_)
-        return kernel.SearchSpace(rotations, shifts, log_prior)
+        self._set_references(
+            self._initial_references(data, settings, rng, init_rotations, init_shifts)
+        )
 
     def _model(self):
         with np.errstate(divide="ignore"):
@@ -420,43 +509,13 @@ class MissingDataMLClassifier(DensityMixin, BaseEstimator):
 
     def _e_step(self, data, settings, rotations, current_rotations, accumulate):
         """Scores, posteriors and (optionally) statistics for all particles."""
-        n = len(data)
-        candidates = None
-        if not self.align:
-            rotations = current_rotations
-            candidates = np.eye(n, dtype=bool)
-        elif self.local_search is not None:
-            candidates = kernel.local_candidates(rotations, current_rotations, self.local_search)
-        search = self._search_space(rotations)
-        model = self._model()
-        n_workers = min(effective_n_jobs(self.n_jobs), n)
-        transforms = self._shared_transforms(model, search, settings, n_workers)
-        chunks = np.array_split(np.arange(n), n_workers)
-        parts = [data.subset(c, None if candidates is None else candidates[c]) for c in chunks]
-        if n_workers == 1:
-            results = [kernel.e_step(parts[0], model, search, settings, accumulate, transforms)]
-        else:
-            results = Parallel(n_jobs=n_workers)(
-                delayed(kernel.e_step)(part, model, search, settings, accumulate, transforms)
-                for part in parts
-            )
-        result = kernel.ChunkResult.concatenate(results)
-        result.rotations = search.rotations[result.best_rotation]
-        stats = sum(r.statistics for r in results) if accumulate else None
-        return stats, result
-
-    def _shared_transforms(self, model, search, settings, n_workers):
-        """The rotated references of this E-step, made once for all chunks if they fit."""
-        d = self._box_size
-        size = model.references.shape[0] * len(search.rotations) * d * d * (d // 2 + 1) * 8
-        if size > _SHARED_TRANSFORM_BYTES:
-            return None
-        blocks = np.array_split(np.arange(len(search.rotations)), n_workers)
-        parts = Parallel(n_jobs=n_workers)(
-            delayed(kernel.rotated_transforms)(model.references, search.rotations[b], settings)
-            for b in blocks
+        shifts, log_prior = kernel.shift_window(self._shift_limit(self.xi_), self.xi_)
+        search = kernel.SearchSpace(rotations, shifts, log_prior)
+        result, stats = self._run_kernel(
+            kernel.e_step, data, self._model(), search, current_rotations,
+            settings=settings, accumulate=accumulate,
         )
-        return np.concatenate(parts, axis=1)
+        return (sum(stats) if accumulate else None), result
 
     def _m_step(self, stats: SufficientStatistics, theta: float) -> None:
         """Update the model from the sufficient statistics (design section 2b)."""
@@ -481,67 +540,28 @@ class MissingDataMLClassifier(DensityMixin, BaseEstimator):
             tau = theta * n / k
             refs = penalised_update(refs, class_sums, tau)
             sigma2 += tau * pairwise_squared_distances(refs, self._band_weights) / (2 * n * full)
-        self._references_hat = refs * self._band_weights.astype(bool)
         if not self.fix_class_weights:
             self.class_weights_ = class_sums / n
         if not self.fix_xi:
             self.xi_ = float(np.sqrt(stats.shift_sum / (3 * n)))
         if not self.fix_sigma:
             self.sigma_ = float(max(np.sqrt(max(sigma2, 0.0)), _SIGMA_FLOOR * self._data_rms))
-        self._update_references()
+        self._set_references(refs)
 
-    def _update_references(self):
-        refs = kernel.to_real(self._references_hat, self._box_size, self.fft_backend)
-        if len(symmetry_group(self.symmetry)) > 1:
-            refs = _symmetrise(refs, symmetry_group(self.symmetry).as_matrix())
-            self._references_hat = kernel.to_fourier(refs, self.fft_backend)
-        self._references_real = refs.astype(np.float32)
-        self.references_ = self._references_real.copy()
-
-    def _log_iteration(self, iteration, stats, previous_labels, seconds):
-        sizes = np.round(self.class_weights_ * stats.n_particles).astype(int)
-        changed = (
-            float(np.mean(previous_labels != self._last_labels))
-            if previous_labels is not None
-            else float("nan")
-        )
+    def _log_iteration(self, iteration, stats, previous_labels, labels, start):
+        sizes = np.bincount(labels, minlength=self.n_classes)
+        changed = np.nan if previous_labels is None else np.mean(previous_labels != labels)
         message = (
             f"iteration {iteration + 1}: log-likelihood {stats.log_likelihood:.6g}, "
             f"sigma {self.sigma_:.4g}, xi {self.xi_:.3g}, class sizes {sizes.tolist()}, "
-            f"class changes {changed:.3f}, {seconds:.1f} s"
+            f"class weights {np.round(self.class_weights_, 3).tolist()}, "
+            f"class changes {changed:.3f}, {time.perf_counter() - start:.1f} s"
         )
-        logger.info(message)
-        if self.verbose:
-            from tqdm.auto import tqdm
-
-            tqdm.write(message)
-
-    def _store_particle_results(self, result, base_shifts):
-        self.labels_ = np.argmax(result.class_log_posterior, axis=1)
-        self.rotations_ = result.rotations
-        shifts = result.best_shift
-        if base_shifts is not None:
-            shifts = shifts + base_shifts
-        self.shifts_ = shifts
-        self.euler_angles_ = euler_from_matrix(self.rotations_)
-        self.max_posterior_ = result.max_posterior
-        self.particle_log_likelihood_ = result.log_likelihood
+        _log(message, self.verbose)
 
     # ------------------------------------------------------------------ inference
     def _predict_result(self, X, masks):
-        check_is_fitted(self, "references_")
-        X = _check_volumes(X)
-        d = X.shape[-1]
-        if d != self._box_size:
-            raise ValueError(f"X has box size {d}, the model was fitted with {self._box_size}")
-        group_masks, group = _group_masks(masks, X.shape[0], d)
-        settings = self._kernel_settings(group_masks, d)
-        if not self.align or self.local_search is not None:
-            raise ValueError(
-                "predict needs a global search; this model was fitted with align=False "
-                "or local_search"
-            )
-        data = kernel.prepare_particles(X, settings, group, None)
+        data, settings = self._prepare_predict(X, masks)
         _, result = self._e_step(data, settings, self._orientation_grid(), None, False)
         return result
 
@@ -562,7 +582,32 @@ class MissingDataMLClassifier(DensityMixin, BaseEstimator):
         return float(np.average(self.score_samples(X, masks=masks), weights=sample_weight))
 
 
-# ---------------------------------------------------------------------- input helpers
+# ---------------------------------------------------------------------- helpers
+def _log(message: str, verbose) -> None:
+    """One line per iteration: to the log, and above the progress bar when verbose."""
+    logger.info(message)
+    if verbose:
+        from tqdm.auto import tqdm
+
+        tqdm.write(message)
+
+
+def _check_integer(estimator, name, low):
+    value = getattr(estimator, name)
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+
+
+def _check_real(estimator, name, low, high=np.inf, low_open=False):
+    value = getattr(estimator, name)
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    ok = ok and np.isfinite(value) and value <= high
+    ok = ok and (value > low if low_open else value >= low)
+    if not ok:
+        bound = f"> {low}" if low_open else f">= {low}"
+        raise ValueError(f"{name} must be a finite number {bound}, <= {high}; got {value!r}")
+
+
 def _check_volumes(X) -> np.ndarray:
     """Validate a stack of cubic volumes and return it as C-contiguous float32."""
     if isinstance(X, list | tuple):

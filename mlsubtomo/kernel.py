@@ -41,6 +41,7 @@ __all__ = [
     "Model",
     "ParticleChunk",
     "SearchSpace",
+    "correlation_search",
     "e_step",
     "hard_statistics",
     "band_weights",
@@ -348,12 +349,27 @@ class _Scorer:
         groups = self.mask_weights.reshape(len(self.mask_weights), -1)
         return (groups @ power.T).reshape(-1, k, b)
 
+    def cross(self, particles, transforms):
+        """``<X_j, S_t V_j>`` over O_j for every searched shift t: (pairs, T)."""
+        product = self.chunk.data[particles] * np.conj(transforms)
+        cross = self.backend.irfftn(product, self.d).reshape(len(particles), -1)
+        return cross[:, self.flat_shift].astype(np.float64) * self.scale
+
+    def correlations(self, k, particles, transforms, power):
+        """Constrained cross-correlation over O_j for every shift (reference section 4b).
+
+        With DC unobserved both maps have zero mean, so the Pearson correlation
+        over the box is the cross term divided by the two masked norms.
+        """
+        norms = np.sqrt(self.chunk.power[particles] * power)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            cc = self.cross(particles, transforms) / norms[:, None]
+        return np.where(norms[:, None] > 0, cc, 0.0), None
+
     def scores(self, k, particles, transforms, power):
         """Scores and residuals over shifts for pairs (particles[j], transforms[j])."""
         chunk = self.chunk
-        product = chunk.data[particles] * np.conj(transforms)
-        cross = self.backend.irfftn(product, self.d).reshape(len(particles), -1)
-        cross = cross[:, self.flat_shift].astype(np.float64) * self.scale
+        cross = self.cross(particles, transforms)
         residual = (chunk.power[particles] + power)[:, None] - 2.0 * cross
         score = (
             self.model.log_class_weights[k]
@@ -362,6 +378,36 @@ class _Scorer:
             - residual * self.inv_two_var
         )
         return score, residual
+
+
+def _score_all_pairs(chunk, blocks, classes, block_transforms, scorer, score):
+    """Yield ``(k, particles, rotations, values)`` for every searched pair, in batches.
+
+    ``score`` is a bound method of the scorer (``scores`` or ``correlations``); each
+    orientation block is rotated once and its masked powers computed once.
+    """
+    for block in blocks:
+        particles, local = _pairs(chunk, block)
+        if len(particles) == 0:
+            continue
+        rotated = block_transforms(block)
+        power = scorer.masked_power(rotated)
+        for k in classes:
+            for s in range(0, len(particles), scorer.batch):
+                p, r = particles[s : s + scorer.batch], local[s : s + scorer.batch]
+                values, _ = score(k, p, rotated[k, r], power[chunk.group[p], k, r])
+                yield k, p, block[r], values
+
+
+def _transform_source(model, search, settings, transforms):
+    """A function giving the rotated references of an orientation block."""
+
+    def block_transforms(block):
+        if transforms is not None:
+            return transforms[:, block]
+        return rotated_transforms(model.references, search.rotations[block], settings)
+
+    return block_transforms
 
 
 def _pairs(chunk: ParticleChunk, block: np.ndarray):
@@ -411,26 +457,13 @@ def e_step(
     pair_lse = np.full((n, n_classes, n_rot), -np.inf)
     pair_arg = np.zeros((n, n_classes, n_rot), dtype=np.int32)
     blocks = _blocks(n_rot, settings.orientation_block)
-
-    def block_transforms(block):
-        if transforms is not None:
-            return transforms[:, block]
-        return rotated_transforms(model.references, search.rotations[block], settings)
-
-    for block in blocks:
-        particles, local = _pairs(chunk, block)
-        if len(particles) == 0:
-            continue
-        rotated = block_transforms(block)
-        power = scorer.masked_power(rotated)
-        for k in active:
-            for s in range(0, len(particles), scorer.batch):
-                p, r = particles[s : s + scorer.batch], local[s : s + scorer.batch]
-                score, _ = scorer.scores(k, p, rotated[k, r], power[chunk.group[p], k, r])
-                rot = block[r]
-                pair_max[p, k, rot] = score.max(axis=1)
-                pair_arg[p, k, rot] = score.argmax(axis=1)
-                pair_lse[p, k, rot] = logsumexp(score, axis=1)
+    block_transforms = _transform_source(model, search, settings, transforms)
+    for k, p, rot, score in _score_all_pairs(
+        chunk, blocks, active, block_transforms, scorer, scorer.scores
+    ):
+        pair_max[p, k, rot] = score.max(axis=1)
+        pair_arg[p, k, rot] = score.argmax(axis=1)
+        pair_lse[p, k, rot] = logsumexp(score, axis=1)
 
     lse = logsumexp(pair_lse.reshape(n, -1), axis=1)
     log_likelihood = lse - chunk.n_observed * np.log(np.sqrt(2.0 * np.pi) * model.sigma)
@@ -458,6 +491,55 @@ def e_step(
         )
         result.statistics.log_likelihood = float(np.sum(log_likelihood))
     return result
+
+
+def correlation_search(
+    chunk: ParticleChunk,
+    model: Model,
+    search: SearchSpace,
+    settings: KernelSettings,
+    transforms: np.ndarray | None = None,
+) -> ChunkResult:
+    """Best (class, orientation, shift) of each particle by constrained cross-correlation.
+
+    The correlation is computed over each particle's own observed set (reference
+    section 4b); the shift prior and class weights play no part.
+
+    Returns
+    -------
+    ChunkResult
+        ``max_posterior`` and ``log_likelihood`` hold the best correlation of each
+        particle and ``class_log_posterior`` the best correlation with each class;
+        ``statistics`` is None.
+    """
+    backend = FFTBackend(settings.fft_backend, settings.threads)
+    scorer = _Scorer(chunk, model, search, settings, backend)
+    n, n_classes, n_rot = len(chunk), model.references.shape[0], len(search.rotations)
+    best = np.full((n, n_classes), -np.inf)
+    best_rotation = np.zeros((n, n_classes), dtype=np.int64)
+    best_shift = np.zeros((n, n_classes), dtype=np.int64)
+    blocks = _blocks(n_rot, settings.orientation_block)
+    block_transforms = _transform_source(model, search, settings, transforms)
+    for k, p, rot, cc in _score_all_pairs(
+        chunk, blocks, range(n_classes), block_transforms, scorer, scorer.correlations
+    ):
+        top, arg = cc.max(axis=1), cc.argmax(axis=1)
+        # Ties keep the first maximum, in orientation order, as xmipp does.
+        for j in np.flatnonzero(top > best[p, k]):
+            i = p[j]
+            if top[j] > best[i, k]:
+                best[i, k], best_rotation[i, k], best_shift[i, k] = top[j], rot[j], arg[j]
+    rows = np.arange(n)
+    best_class = np.argmax(best, axis=1)
+    top = best[rows, best_class]
+    return ChunkResult(
+        log_likelihood=top,
+        class_log_posterior=best,
+        best_class=best_class,
+        best_rotation=best_rotation[rows, best_class],
+        best_shift=search.shifts[best_shift[rows, best_class]].astype(np.int64),
+        max_posterior=top,
+    )
 
 
 def _significant_pairs(pair_max, pair_lse, threshold):
