@@ -334,7 +334,8 @@ class _Scorer:
         self.inv_two_var = 1.0 / (2.0 * model.sigma**2)
         self.log_shift_prior = search.log_shift_prior
         self.mask_weights = settings.mask_arrays * hermitian_multiplicity(d)
-        self.batch = max(1, _PAIR_BATCH_BYTES // (12 * d**3))
+        # A power of two, so that the batches of any pair list come in few sizes.
+        self.batch = 1 << max(0, int(np.log2(max(1, _PAIR_BATCH_BYTES // (12 * d**3)))))
         n_rot = len(search.rotations)
         if chunk.candidates is None:
             self.log_orientation_prior = np.full(len(chunk), -np.log(n_rot))
@@ -393,8 +394,8 @@ def _score_all_pairs(chunk, blocks, classes, block_transforms, scorer, score):
         rotated = block_transforms(block)
         power = scorer.masked_power(rotated)
         for k in classes:
-            for s in range(0, len(particles), scorer.batch):
-                p, r = particles[s : s + scorer.batch], local[s : s + scorer.batch]
+            for batch in _batches(len(particles), scorer.batch):
+                p, r = particles[batch], local[batch]
                 values, _ = score(k, p, rotated[k, r], power[chunk.group[p], k, r])
                 yield k, p, block[r], values
 
@@ -408,6 +409,19 @@ def _transform_source(model, search, settings, transforms):
         return rotated_transforms(model.references, search.rotations[block], settings)
 
     return block_transforms
+
+
+def _batches(n: int, size: int):
+    """Slices covering range(n): full batches of ``size``, then powers of two.
+
+    Each distinct batch size costs one FFTW plan (made with FFTW_MEASURE), so the
+    remainder is split into at most log2(size) pieces of power-of-two sizes.
+    """
+    start = 0
+    while start < n:
+        step = size if n - start >= size else 1 << int(np.log2(n - start))
+        yield slice(start, start + step)
+        start += step
 
 
 def _pairs(chunk: ParticleChunk, block: np.ndarray):
@@ -572,8 +586,8 @@ def _accumulate(chunk, model, search, settings, scorer, kept, log_norm, blocks, 
         mass = np.zeros((n_groups, n_classes, len(block)))
         for k in range(n_classes):
             particles, local = np.nonzero(block_kept[:, k, :])
-            for s in range(0, len(particles), scorer.batch):
-                p, r = particles[s : s + scorer.batch], local[s : s + scorer.batch]
+            for batch in _batches(len(particles), scorer.batch):
+                p, r = particles[batch], local[batch]
                 score, residual = scorer.scores(k, p, rotated[k, r], power[chunk.group[p], k, r])
                 gamma = np.exp(score - log_norm[p, None])
                 pair_mass = gamma.sum(axis=1)
