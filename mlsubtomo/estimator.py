@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import numbers
+import os
+import pickle
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 from joblib import Parallel, delayed, effective_n_jobs
@@ -315,7 +320,16 @@ class MissingDataMLClassifier(DensityMixin, _SubtomogramClassifier):
     verbose : int, default=0
         1 logs one line per iteration and shows a progress bar.
     warm_start : bool, default=False
-        Continue from the fitted model on the next call to ``fit``.
+        Start the next call to ``fit`` from the fitted model instead of new
+        initial references.
+    checkpoint_path : str or path, default=None
+        After every iteration, write the state of the run to this file (atomically:
+        a half-written checkpoint never replaces a complete one).
+    resume : bool, default=False
+        If ``checkpoint_path`` exists, continue the run it holds from its last
+        complete iteration; the result equals that of an uninterrupted run. The
+        checkpoint must come from the same data and hyper-parameters (``max_iter``,
+        ``tol``, ``n_jobs``, ``verbose`` and the checkpoint options may differ).
 
     Attributes
     ----------
@@ -376,6 +390,8 @@ class MissingDataMLClassifier(DensityMixin, _SubtomogramClassifier):
         random_state=None,
         verbose=0,
         warm_start=False,
+        checkpoint_path=None,
+        resume=False,
     ):
         self.n_classes = n_classes
         self.angular_step = angular_step
@@ -405,6 +421,8 @@ class MissingDataMLClassifier(DensityMixin, _SubtomogramClassifier):
         self.random_state = random_state
         self.verbose = verbose
         self.warm_start = warm_start
+        self.checkpoint_path = checkpoint_path
+        self.resume = resume
 
     # ------------------------------------------------------------------ validation
     def _check_parameters(self, n_particles: int, box_size: int) -> None:
@@ -454,34 +472,47 @@ class MissingDataMLClassifier(DensityMixin, _SubtomogramClassifier):
             self._initialize(data, settings, rng, init_rotations, init_shifts)
         schedule = check_schedule(self.regularization)
         grid = self._orientation_grid()
-        current_rotations = init_rotations
-        self.log_likelihood_history_ = []
-        self.converged_ = False
-        self.n_iter_ = 0
-        previous_labels = None
-        iterations = range(self.max_iter)
+        run = {
+            "iteration": 0,
+            "history": [],
+            "labels": None,
+            "rotations": init_rotations,
+            "converged": False,
+        }
+        fingerprint = _fingerprint(
+            data.data, data.group, repr(settings.masks), init_rotations, init_shifts
+        )
+        if self.resume and self.checkpoint_path is not None:
+            run = self._load_checkpoint(fingerprint, rng, run)
+        self.log_likelihood_history_ = run["history"]
+        self.converged_ = run["converged"]
+        self.n_iter_ = run["iteration"]
+        iterations = range(run["iteration"], self.max_iter)
         if self.verbose:
             from tqdm.auto import tqdm
 
             iterations = tqdm(iterations, desc="EM", unit="iter")
-        for iteration in iterations:
+        for iteration in iterations if not self.converged_ else ():
             start = time.perf_counter()
             rotations = self._iteration_rotations(grid, rng)
-            stats, result = self._e_step(data, settings, rotations, current_rotations, True)
+            stats, result = self._e_step(data, settings, rotations, run["rotations"], True)
             self.log_likelihood_history_.append(stats.log_likelihood)
             labels = np.argmax(result.class_log_posterior, axis=1)
             if self.local_search is not None:
-                current_rotations = result.rotations
+                run["rotations"] = result.rotations
             self._m_step(stats, schedule(iteration))
             self.n_iter_ = iteration + 1
-            self._log_iteration(iteration, stats, previous_labels, labels, start)
-            previous_labels = labels
+            self._log_iteration(iteration, stats, run["labels"], labels, start)
+            run["labels"] = labels
             if iteration > 0:
                 change = (self.log_likelihood_history_[-1] - self.log_likelihood_history_[-2]) / n
-                if abs(change) < self.tol:
-                    self.converged_ = True
-                    break
+                self.converged_ = bool(abs(change) < self.tol)
+            run.update(iteration=iteration + 1, converged=self.converged_)
+            self._save_checkpoint(fingerprint, rng, run)
+            if self.converged_:
+                break
 
+        current_rotations = run["rotations"]
         _, result = self._e_step(data, settings, grid, current_rotations, False)
         self.log_likelihood_history_.append(float(np.sum(result.log_likelihood)))
         self.lower_bound_ = self.log_likelihood_history_[-1]
@@ -501,6 +532,61 @@ class MissingDataMLClassifier(DensityMixin, _SubtomogramClassifier):
         self._set_references(
             self._initial_references(data, settings, rng, init_rotations, init_shifts)
         )
+
+    _MODEL_STATE = (
+        "_references_hat", "_references_real", "references_", "class_weights_", "sigma_", "xi_"
+    )
+    # Hyper-parameters that may change between an interrupted run and its resumption.
+    _RESUMABLE = ("max_iter", "tol", "n_jobs", "verbose", "checkpoint_path", "resume")
+
+    def _save_checkpoint(self, fingerprint, rng, run):
+        if self.checkpoint_path is None:
+            return
+        state = {
+            "fingerprint": fingerprint,
+            "params": self._fixed_params(),
+            "model": {name: getattr(self, name) for name in self._MODEL_STATE},
+            "rng": rng.get_state(),
+            "run": run,
+        }
+        path = Path(self.checkpoint_path)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                pickle.dump(state, f, protocol=pickle.HIGHEST_PROTOCOL)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+    def _load_checkpoint(self, fingerprint, rng, run):
+        path = Path(self.checkpoint_path)
+        if not path.exists():
+            return run
+        try:
+            with open(path, "rb") as f:
+                state = pickle.load(f)
+        except Exception as exc:
+            raise ValueError(f"checkpoint {path} cannot be read: {exc}") from exc
+        if state.get("fingerprint") != fingerprint:
+            raise ValueError(f"checkpoint {path} was made from different data or masks")
+        changed = sorted(
+            name
+            for name, value in self._fixed_params().items()
+            if repr(state["params"].get(name)) != repr(value)
+        )
+        if changed:
+            raise ValueError(
+                f"checkpoint {path} was made with different hyper-parameters: "
+                f"{', '.join(changed)}"
+            )
+        for name, value in state["model"].items():
+            setattr(self, name, value)
+        rng.set_state(state["rng"])
+        return state["run"]
+
+    def _fixed_params(self):
+        return {k: v for k, v in self.get_params().items() if k not in self._RESUMABLE}
 
     def _model(self):
         with np.errstate(divide="ignore"):
@@ -590,6 +676,14 @@ def _log(message: str, verbose) -> None:
         from tqdm.auto import tqdm
 
         tqdm.write(message)
+
+
+def _fingerprint(*arrays) -> str:
+    """A digest of the inputs, so a checkpoint is only resumed on the data it came from."""
+    digest = hashlib.sha256()
+    for a in arrays:
+        digest.update(pickle.dumps(a if not isinstance(a, np.ndarray) else a.tobytes()))
+    return digest.hexdigest()
 
 
 def _check_integer(estimator, name, low):

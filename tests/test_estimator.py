@@ -186,3 +186,33 @@ def test_nan_input_is_named():
     X[2, 1, 1, 1] = np.nan
     with pytest.raises(ValueError, match="NaN"):
         MissingDataMLClassifier(max_iter=1).fit(X)
+
+
+def test_resumed_run_equals_an_uninterrupted_one(phantoms, tmp_path):
+    data = make_dataset(phantoms, 16, masks=WEDGE, snr=0.2, max_shift=1, random_state=7)
+    params = dict(
+        angular_step=45, max_shift=1, tol=0, random_state=0, regularization=LinearDecay(5.0, 5)
+    )
+    full = MissingDataMLClassifier(2, max_iter=6, **params).fit(data.volumes, masks=WEDGE)
+    path = tmp_path / "run.ckpt"
+    # "Killed" after iteration 3: its checkpoint holds the state after that iteration.
+    MissingDataMLClassifier(2, max_iter=3, checkpoint_path=path, **params).fit(
+        data.volumes, masks=WEDGE
+    )
+    resumed = MissingDataMLClassifier(
+        2, max_iter=6, checkpoint_path=path, resume=True, **params
+    ).fit(data.volumes, masks=WEDGE)
+    assert resumed.n_iter_ == 6
+    np.testing.assert_allclose(resumed.log_likelihood_history_, full.log_likelihood_history_,
+                               rtol=1e-6)
+    scale = np.abs(full.references_).max()
+    np.testing.assert_allclose(resumed.references_, full.references_, atol=1e-6 * scale)
+    np.testing.assert_array_equal(resumed.labels_, full.labels_)
+    with pytest.raises(ValueError, match="hyper-parameters: n_classes"):
+        MissingDataMLClassifier(3, max_iter=6, checkpoint_path=path, resume=True, **params).fit(
+            data.volumes, masks=WEDGE
+        )
+    with pytest.raises(ValueError, match="different data"):
+        MissingDataMLClassifier(2, max_iter=6, checkpoint_path=path, resume=True, **params).fit(
+            data.volumes[::-1], masks=WEDGE
+        )
