@@ -134,7 +134,7 @@ class ConstrainedCCClassifier(_SubtomogramClassifier):
         n, k = len(data), self.n_classes
         rng = check_random_state(self.random_state)
         self._set_references(
-            self._initial_references(data, settings, rng, init_rotations, init_shifts)
+            self._initial_references(data, settings, rng)
         )
         schedule = check_schedule(self.regularization)
         grid = self._orientation_grid()

@@ -193,7 +193,7 @@ class _SubtomogramClassifier(BaseEstimator):
         )
         return np.concatenate(parts, axis=1)
 
-    def _initial_references(self, data, settings, rng, init_rotations, init_shifts):
+    def _initial_references(self, data, settings, rng):
         """Given references, or the paper's weighted averages of random subsets."""
         n, d, k = len(data), self._box_size, self.n_classes
         if self.init_references is not None:
@@ -204,15 +204,14 @@ class _SubtomogramClassifier(BaseEstimator):
                     f"{refs.shape}"
                 )
             return kernel.to_fourier(refs, self.fft_backend)
-        # K random subsets, each particle in a random orientation (or the one given).
+        # K random subsets, each particle in a random orientation, even when orientations
+        # are given: a particle averaged in its own orientation matches its own
+        # contribution so well (about n_i / (N/K) nats of log-odds) that the random
+        # subsets would never change.
         labels = np.empty(n, dtype=np.int64)
         labels[rng.permutation(n)] = np.arange(n) % k
-        if init_rotations is None:
-            rotations = Rotation.random(n, random_state=rng).as_matrix()
-        else:
-            rotations = init_rotations
-        shifts = init_shifts if init_shifts is not None and self.align else np.zeros((n, 3))
-        stats = kernel.hard_statistics(data, labels, rotations, shifts, k, settings)
+        rotations = Rotation.random(n, random_state=rng).as_matrix()
+        stats = kernel.hard_statistics(data, labels, rotations, np.zeros((n, 3)), k, settings)
         return self._weighted_average(stats, np.zeros_like(stats.data_sums))
 
     def _weighted_average(self, stats, previous):
@@ -469,7 +468,7 @@ class MissingDataMLClassifier(DensityMixin, _SubtomogramClassifier):
         n = len(data)
         rng = check_random_state(self.random_state)
         if not (self.warm_start and hasattr(self, "references_")):
-            self._initialize(data, settings, rng, init_rotations, init_shifts)
+            self._initialize(data, settings, rng)
         schedule = check_schedule(self.regularization)
         grid = self._orientation_grid()
         run = {
@@ -522,7 +521,7 @@ class MissingDataMLClassifier(DensityMixin, _SubtomogramClassifier):
         self.particle_log_likelihood_ = result.log_likelihood
         return self.labels_
 
-    def _initialize(self, data, settings, rng, init_rotations, init_shifts):
+    def _initialize(self, data, settings, rng):
         """Model parameters before the first iteration."""
         k = self.n_classes
         self.class_weights_ = np.full(k, 1.0 / k)
@@ -530,7 +529,7 @@ class MissingDataMLClassifier(DensityMixin, _SubtomogramClassifier):
         self.sigma_ = float(sigma)
         self.xi_ = float(self.init_xi)
         self._set_references(
-            self._initial_references(data, settings, rng, init_rotations, init_shifts)
+            self._initial_references(data, settings, rng)
         )
 
     _MODEL_STATE = (

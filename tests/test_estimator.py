@@ -216,3 +216,28 @@ def test_resumed_run_equals_an_uninterrupted_one(phantoms, tmp_path):
         MissingDataMLClassifier(2, max_iter=6, checkpoint_path=path, resume=True, **params).fit(
             data.volumes[::-1], masks=WEDGE
         )
+
+
+def test_classification_only_with_given_orientations(phantoms):
+    data = make_dataset(phantoms, 60, masks=WEDGE, snr=0.1, max_shift=1, random_state=8)
+    est = MissingDataMLClassifier(
+        2, align=False, max_iter=10, regularization=LinearDecay(5.0, 5), random_state=0
+    )
+    est.fit(data.volumes, masks=WEDGE, init_rotations=data.rotations, init_shifts=data.shifts)
+    assert class_purity(data.labels, est.labels_) >= 0.95
+    np.testing.assert_allclose(est.rotations_, data.rotations, atol=1e-12)
+    np.testing.assert_array_equal(est.shifts_, data.shifts)
+
+
+def test_local_search_stays_near_the_given_orientations(phantoms):
+    data = make_dataset(phantoms[1:], 20, masks=WEDGE, snr=0.5, random_state=9)
+    est = MissingDataMLClassifier(
+        1, angular_step=15, local_search=20, max_shift=0, max_iter=2, random_state=0,
+        init_references=phantoms[1][None],
+    )
+    est.fit(data.volumes, masks=WEDGE, init_rotations=data.rotations)
+    # Every orientation searched lies within 20 degrees of the given one.
+    relative = np.einsum("nji,njk->nik", data.rotations, est.rotations_)
+    angles = np.degrees(np.arccos(np.clip((np.trace(relative, axis1=1, axis2=2) - 1) / 2, -1, 1)))
+    assert np.all(angles <= 20 + 1e-6)
+    assert np.median(angles) < 15
