@@ -6,7 +6,6 @@ import argparse
 import logging
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -19,37 +18,115 @@ class UserError(Exception):
     """A mistake in the command line or its inputs: reported as one line, no traceback."""
 
 
-def _prepare_output(path: Path, overwrite: bool) -> Path:
-    if path.exists() and (not path.is_dir() or any(path.iterdir())):
-        if not overwrite:
-            raise UserError(f"output folder {path} exists and is not empty; use --overwrite")
-        if not path.is_dir():
-            raise UserError(f"output path {path} is a file, not a folder")
+def _prepare_output(path: Path, overwrite: bool, resume: bool = False) -> Path:
+    if path.exists() and not path.is_dir():
+        raise UserError(f"output path {path} is a file, not a folder")
+    if path.exists() and any(path.iterdir()) and not (overwrite or resume):
+        raise UserError(
+            f"output folder {path} exists and is not empty; use --overwrite (or --resume)"
+        )
     path.mkdir(parents=True, exist_ok=True)
     return path
 
 
-def _write_atomic(path: Path, write) -> None:
-    """Call ``write(tmp_path)`` then move the file into place, so no half file remains."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    os.close(fd)
+def _log_to_file(path: Path) -> logging.Handler:
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    logger = logging.getLogger("mlsubtomo")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    return handler
+
+
+def _wedge(values):
+    from .masks import MissingWedge
+
+    return None if values is None else MissingWedge(values[0], values[1])
+
+
+def _simulate(args) -> int:
+    from .io import write_maps, write_simulated
+    from .masks import MissingWedge
+    from .simulate import groel_groes_phantom, groel_phantom, make_dataset
+
+    out = _prepare_output(Path(args.out), args.overwrite)
+    d = args.box
+    voxel = 240.0 / d  # the particle (about 150 A) fills about 60% of the box
+    phantoms = [groel_phantom(d, voxel, 2.5 * voxel), groel_groes_phantom(d, voxel, 2.5 * voxel)]
+    phantoms = phantoms[: args.classes]
+    wedge = MissingWedge(*args.wedge)
+    data = make_dataset(
+        phantoms, args.n_particles, masks=wedge, snr=args.snr, max_shift=args.max_shift,
+        random_state=args.seed, voxel_size=voxel,
+    )
+    star = write_simulated(out, data, overwrite=args.overwrite)
+    write_maps(out, data.references, voxel, prefix="truth_class", overwrite=args.overwrite)
+    print(
+        f"Wrote {len(data)} particles ({d}^3 voxels of {voxel:.2f} A, {len(phantoms)} classes, "
+        f"SNR {args.snr:g}, {wedge!r}) to {star}, with the true maps as truth_class_*.mrc."
+    )
+    return 0
+
+
+def _fit(args) -> int:
+    from .estimator import MissingDataMLClassifier
+    from .io import read_particles, write_maps, write_particles
+    from .preprocessing import ParticleNormalizer
+    from .regularization import LinearDecay
+
+    source = args.particles[0] if len(args.particles) == 1 else args.particles
+    particles = read_particles(source, voxel_size=args.voxel_size)
+    out = Path(args.out)
+    inputs = [Path(p).resolve() for p in ([particles.source] if particles.source else [])]
+    inputs += [Path(f).resolve() for f in particles.files]
+    if out.resolve() in inputs:
+        raise UserError(f"output folder {out} is an input file")
+    out = _prepare_output(out, args.overwrite, args.resume)
+    if args.wedge is not None:
+        masks = _wedge(args.wedge)
+    elif particles.masks is not None and all(m is not None for m in particles.masks):
+        masks = particles.masks
+    elif args.full_data:
+        masks = None
+    else:
+        raise UserError(
+            "the particles carry no missing region: give --wedge MIN MAX (degrees) or --full-data"
+        )
+    X = particles.volumes
+    if not args.no_normalize:
+        X = ParticleNormalizer().fit_transform(X)
+    handler = _log_to_file(out / "run.log")
+    est = MissingDataMLClassifier(
+        n_classes=args.classes,
+        angular_step=args.angular_step,
+        symmetry=args.symmetry,
+        max_shift=args.max_shift,
+        max_iter=args.iterations,
+        regularization=LinearDecay(args.regularization, 5) if args.regularization > 0 else None,
+        n_jobs=args.n_jobs,
+        random_state=args.seed,
+        verbose=1,
+        checkpoint_path=out / "checkpoint.pkl",
+        resume=args.resume,
+    )
     try:
-        write(Path(tmp))
-        os.replace(tmp, path)
+        est.fit(X, masks=masks)
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def _write_map(path: Path, volume: np.ndarray, voxel_size: float) -> None:
-    import mrcfile
-
-    def write(tmp):
-        with mrcfile.new(tmp, overwrite=True) as mrc:
-            mrc.set_data(np.asarray(volume, dtype=np.float32))
-            mrc.voxel_size = voxel_size
-
-    _write_atomic(path, write)
+        logging.getLogger("mlsubtomo").removeHandler(handler)
+        handler.close()
+    write_maps(out, est.references_, particles.voxel_size, overwrite=True)
+    star = write_particles(
+        out / "particles.star", particles.table, est.labels_, est.rotations_, est.shifts_,
+        particles.voxel_size, log_likelihood=est.particle_log_likelihood_,
+        max_posterior=est.max_posterior_, overwrite=True,
+    )
+    _write_slices_png(out / "class_averages.png", est.references_, None)
+    sizes = np.bincount(est.labels_, minlength=est.n_classes).tolist()
+    print(
+        f"{est.n_iter_} iterations, class sizes {sizes}, sigma {est.sigma_:.4g}; "
+        f"wrote {star} and class_*.mrc to {out}/"
+    )
+    return 0
 
 
 def _write_slices_png(path: Path, references: np.ndarray, truth: np.ndarray | None) -> bool:
@@ -76,13 +153,17 @@ def _write_slices_png(path: Path, references: np.ndarray, truth: np.ndarray | No
             ax.set_yticks([])
             ax.set_title(f"{name} {row % len(references) + 1} {title}", fontsize=8)
     fig.tight_layout()
-    _write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    # Through a temporary file, so an interrupted run leaves no half-written image.
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, format="png", dpi=100)
+    os.replace(tmp, path)
     plt.close(fig)
     return True
 
 
 def _demo(args) -> int:
     from .estimator import MissingDataMLClassifier
+    from .io import write_maps
     from .metrics import class_purity, classified_orientation_errors
     from .regularization import LinearDecay
     from .sampling import symmetry_group
@@ -114,8 +195,7 @@ def _demo(args) -> int:
         data.labels, est.labels_, data.rotations, est.rotations_, groups
     )
     median_error = float(np.median(errors)) if errors.size else float("nan")
-    for k, ref in enumerate(est.references_):
-        _write_map(out / f"class_{k + 1:02d}.mrc", ref, data.voxel_size)
+    write_maps(out, est.references_, data.voxel_size, overwrite=args.overwrite)
     png = _write_slices_png(out / "class_averages.png", est.references_, data.references)
     print(f"Class purity against the truth: {purity:.3f}")
     print(f"Median orientation error (correctly classified): {median_error:.1f} degrees")
@@ -148,6 +228,54 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--n-jobs", type=int, default=-1, help="parallel workers (-1: all cores)")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_demo)
+
+    sim = sub.add_parser(
+        "simulate",
+        help="write a simulated data set (MRC + STAR with the ground truth)",
+        description="Simulate GroEL-like (and GroEL-GroES-like) subtomograms with a missing "
+        "wedge and write them as MRC volumes with a RELION-style particles.star holding "
+        "the true classes and poses.",
+    )
+    sim.add_argument("--out", required=True, help="output folder")
+    sim.add_argument("--overwrite", action="store_true")
+    sim.add_argument("--n-particles", type=int, default=100)
+    sim.add_argument("--classes", type=int, choices=(1, 2), default=2)
+    sim.add_argument("--box", type=int, default=24, help="box size in voxels")
+    sim.add_argument("--snr", type=float, default=0.5)
+    sim.add_argument("--max-shift", type=int, default=2)
+    sim.add_argument("--wedge", type=float, nargs=2, default=(-60.0, 60.0),
+                     metavar=("MIN", "MAX"), help="tilt range about y in degrees")
+    sim.add_argument("--seed", type=int, default=0)
+    sim.set_defaults(func=_simulate)
+
+    fit = sub.add_parser(
+        "fit",
+        help="classify and align particles from a STAR file or MRC files",
+        description="Maximum-likelihood classification and alignment. Writes class "
+        "averages (class_*.mrc), particles.star with classes, RELION angles and origins, "
+        "per-particle log-likelihood and maximum posterior, run.log and a checkpoint "
+        "after every iteration.",
+    )
+    fit.add_argument("particles", nargs="+", help="a particles STAR file, or MRC files")
+    fit.add_argument("--out", required=True, help="output folder")
+    fit.add_argument("--classes", type=int, default=2)
+    fit.add_argument("--angular-step", type=float, default=15.0, help="degrees")
+    fit.add_argument("--iterations", type=int, default=25)
+    fit.add_argument("--wedge", type=float, nargs=2, metavar=("MIN", "MAX"),
+                     help="one tilt range about y for all particles (degrees)")
+    fit.add_argument("--full-data", action="store_true", help="no missing region")
+    fit.add_argument("--symmetry", default="C1", help="point group, e.g. C7 or D7")
+    fit.add_argument("--max-shift", type=int, default=None, help="voxels")
+    fit.add_argument("--regularization", type=float, default=5.0,
+                     help="initial strength theta, decreasing to 0 in 5 iterations (0: none)")
+    fit.add_argument("--voxel-size", type=float, default=None, help="Angstrom, if not in files")
+    fit.add_argument("--no-normalize", action="store_true",
+                     help="do not scale each particle to zero mean and unit variance")
+    fit.add_argument("--n-jobs", type=int, default=-1)
+    fit.add_argument("--seed", type=int, default=0)
+    fit.add_argument("--resume", action="store_true", help="continue from the checkpoint")
+    fit.add_argument("--overwrite", action="store_true")
+    fit.set_defaults(func=_fit)
     return parser
 
 
@@ -160,7 +288,7 @@ def main(argv=None) -> int:
         return 0
     try:
         return args.func(args)
-    except (UserError, ValueError, FileNotFoundError) as exc:
+    except (UserError, ValueError, FileNotFoundError, FileExistsError, ImportError) as exc:
         print(f"mlsubtomo: error: {exc}", file=sys.stderr)
         return 2
 

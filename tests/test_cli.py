@@ -49,3 +49,44 @@ def test_existing_output_is_not_clobbered(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "--overwrite" in err and "Traceback" not in err
     assert (tmp_path / "keep.txt").read_text() == "mine"
+
+
+def test_simulate_then_fit_recovers_the_truth(tmp_path, capsys):
+    import starfile
+
+    from mlsubtomo.io import pose_from_relion
+    from mlsubtomo.metrics import class_purity, classified_orientation_errors
+    from mlsubtomo.sampling import symmetry_group
+
+    data, out = tmp_path / "d", tmp_path / "r"
+    assert main(["simulate", "--out", str(data), "--n-particles", "40", "--box", "16",
+                 "--snr", "0.5", "--max-shift", "1"]) == 0
+    assert main(["fit", str(data / "particles.star"), "--classes", "2", "--out", str(out),
+                 "--angular-step", "30", "--iterations", "8", "--max-shift", "1",
+                 "--n-jobs", "2"]) == 0
+    truth = starfile.read(data / "particles.star")["particles"]
+    found = starfile.read(out / "particles.star")["particles"]
+    # Image paths are rewritten to resolve from the output folder.
+    assert [(out / n).resolve() for n in found["rlnImageName"]] == [
+        (data / n).resolve() for n in truth["rlnImageName"]
+    ]
+    assert class_purity(truth["rlnClassNumber"], found["rlnClassNumber"]) >= 0.95
+    voxel = 240.0 / 16
+    true_rotations, _ = pose_from_relion(truth, voxel)
+    found_rotations, _ = pose_from_relion(found, voxel)
+    groups = [symmetry_group(g).as_matrix() for g in ("D7", "C7")]
+    errors = classified_orientation_errors(
+        truth["rlnClassNumber"] - 1, found["rlnClassNumber"] - 1, true_rotations,
+        found_rotations, groups,
+    )
+    assert np.median(errors) < 30
+    for name in ("class_01.mrc", "class_02.mrc"):
+        assert mrcfile.validate(str(out / name))
+    assert "iteration 8" in (out / "run.log").read_text()
+
+
+def test_user_mistakes_are_one_line_errors(tmp_path, capsys):
+    assert main(["fit", str(tmp_path / "missing.star"), "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mlsubtomo: error:") and "missing.star" in err
+    assert err.count("\n") == 1
