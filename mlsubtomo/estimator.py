@@ -352,6 +352,10 @@ class MissingDataMLClassifier(DensityMixin, _SubtomogramClassifier):
     log_likelihood_history_ : list of float
         Entry j is the data log-likelihood under the model entering iteration j;
         the last entry is under the fitted model.
+    sigma_history_ : list of float
+        sigma after each iteration's M-step.
+    class_weights_history_ : list of ndarray of shape (K,)
+        Class weights after each iteration's M-step.
     lower_bound_ : float
         The last entry of ``log_likelihood_history_``.
     n_iter_ : int
@@ -474,6 +478,8 @@ class MissingDataMLClassifier(DensityMixin, _SubtomogramClassifier):
         run = {
             "iteration": 0,
             "history": [],
+            "sigma_history": [],
+            "weights_history": [],
             "labels": None,
             "rotations": init_rotations,
             "converged": False,
@@ -484,6 +490,8 @@ class MissingDataMLClassifier(DensityMixin, _SubtomogramClassifier):
         if self.resume and self.checkpoint_path is not None:
             run = self._load_checkpoint(fingerprint, rng, run)
         self.log_likelihood_history_ = run["history"]
+        self.sigma_history_ = run["sigma_history"]
+        self.class_weights_history_ = run["weights_history"]
         self.converged_ = run["converged"]
         self.n_iter_ = run["iteration"]
         iterations = range(run["iteration"], self.max_iter)
@@ -500,6 +508,8 @@ class MissingDataMLClassifier(DensityMixin, _SubtomogramClassifier):
             if self.local_search is not None:
                 run["rotations"] = result.rotations
             self._m_step(stats, schedule(iteration))
+            self.sigma_history_.append(self.sigma_)
+            self.class_weights_history_.append(self.class_weights_.copy())
             self.n_iter_ = iteration + 1
             self._log_iteration(iteration, stats, run["labels"], labels, start)
             run["labels"] = labels
