@@ -202,7 +202,7 @@ class ConstrainedCCClassifier(_SubtomogramClassifier):
         """Class of the best-correlating (class, orientation, shift) of each particle."""
         return self._predict_result(X, masks).best_class
 
-    def transform(self, X, masks=None):
+    def decision_function(self, X, masks=None):
         """Best correlation of each particle with each class: (N, K)."""
         return self._predict_result(X, masks).class_log_posterior
 

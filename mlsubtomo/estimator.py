@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import scipy.sparse
 from joblib import Parallel, delayed, effective_n_jobs
 from scipy.spatial.transform import Rotation
 from sklearn.base import BaseEstimator, DensityMixin
@@ -713,9 +714,13 @@ def _check_real(estimator, name, low, high=np.inf, low_open=False):
 
 def _check_volumes(X) -> np.ndarray:
     """Validate a stack of cubic volumes and return it as C-contiguous float32."""
+    if scipy.sparse.issparse(X):
+        raise TypeError("sparse input is not supported: X must be a dense (N, D, D, D) array")
     if isinstance(X, list | tuple):
         X = np.stack([np.asarray(v) for v in X]) if len(X) else np.empty((0,))
     X = np.asarray(X)
+    if np.iscomplexobj(X):
+        raise ValueError("Complex data not supported: X must hold real numbers")
     if X.dtype == object or not (
         np.issubdtype(X.dtype, np.floating) or np.issubdtype(X.dtype, np.integer)
     ):

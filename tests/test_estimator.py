@@ -241,3 +241,21 @@ def test_local_search_stays_near_the_given_orientations(phantoms):
     angles = np.degrees(np.arccos(np.clip((np.trace(relative, axis1=1, axis2=2) - 1) / 2, -1, 1)))
     assert np.all(angles <= 20 + 1e-6)
     assert np.median(angles) < 15
+
+
+def test_grid_search_chooses_n_classes_by_held_out_log_likelihood(phantoms):
+    from sklearn.model_selection import GridSearchCV, KFold
+
+    data = make_dataset(phantoms, 36, masks=WEDGE, snr=0.5, random_state=10)
+    with config_context(enable_metadata_routing=True):
+        est = MissingDataMLClassifier(
+            angular_step=45, max_shift=0, max_iter=6, regularization=LinearDecay(5.0, 5),
+            random_state=0,
+        )
+        est.set_fit_request(masks=True).set_score_request(masks=True)
+        search = GridSearchCV(est, {"n_classes": [1, 2]}, cv=KFold(3, shuffle=True,
+                                                                   random_state=0))
+        search.fit(data.volumes, masks=WEDGE)
+    assert search.best_params_ == {"n_classes": 2}
+    scores = search.cv_results_["mean_test_score"]
+    assert scores[1] > scores[0]
