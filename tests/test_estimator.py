@@ -259,3 +259,19 @@ def test_grid_search_chooses_n_classes_by_held_out_log_likelihood(phantoms):
     assert search.best_params_ == {"n_classes": 2}
     scores = search.cv_results_["mean_test_score"]
     assert scores[1] > scores[0]
+
+
+def test_symmetry_restricts_the_search_and_symmetrises_the_averages(phantoms):
+    from mlsubtomo.transform import rotate_volume
+
+    data = make_dataset(phantoms[1:], 20, masks=WEDGE, snr=0.5, random_state=11)
+    est = MissingDataMLClassifier(
+        1, angular_step=30, symmetry="C7", max_shift=0, max_iter=3, random_state=0
+    )
+    est.fit(data.volumes, masks=WEDGE)
+    ref = est.references_[0]
+    # C7 about z up to the interpolation of the symmetrising rotations.
+    for g in symmetry_group("C7").as_matrix()[1:]:
+        turned = rotate_volume(ref, g, order=3)
+        assert np.linalg.norm(turned - ref) < 0.05 * np.linalg.norm(ref)
+    assert _orientation_error(data, est, ["C7"]) < 30
