@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -71,6 +70,7 @@ def _simulate(args) -> int:
 def _fit(args) -> int:
     from .estimator import MissingDataMLClassifier
     from .io import read_particles, write_maps, write_particles
+    from .plots import write_report
     from .preprocessing import ParticleNormalizer
     from .regularization import LinearDecay
 
@@ -120,7 +120,10 @@ def _fit(args) -> int:
         particles.voxel_size, log_likelihood=est.particle_log_likelihood_,
         max_posterior=est.max_posterior_, overwrite=True,
     )
-    _write_slices_png(out / "class_averages.png", est.references_, None)
+    try:
+        write_report(est, out, X=X, masks=masks, voxel_size=particles.voxel_size)
+    except ImportError:  # the plots need the 'plot' extra; the fit itself does not
+        print("Install the 'plot' extra for convergence, class, orientation and FSC plots.")
     sizes = np.bincount(est.labels_, minlength=est.n_classes).tolist()
     print(
         f"{est.n_iter_} iterations, class sizes {sizes}, sigma {est.sigma_:.4g}; "
@@ -129,42 +132,11 @@ def _fit(args) -> int:
     return 0
 
 
-def _write_slices_png(path: Path, references: np.ndarray, truth: np.ndarray | None) -> bool:
-    """Central xy/xz/yz slices of each class average (and the truth); False without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    rows = [("class", r) for r in references]
-    if truth is not None:
-        rows += [("truth", t) for t in truth]
-    c = references.shape[-1] // 2
-    fig, axes = plt.subplots(len(rows), 3, figsize=(6, 2 * len(rows)), squeeze=False)
-    for row, (name, vol) in enumerate(rows):
-        for col, (title, image) in enumerate(
-            (("xy", vol[c]), ("xz", vol[:, c, :]), ("yz", vol[:, :, c]))
-        ):
-            ax = axes[row, col]
-            ax.imshow(image, cmap="gray", origin="lower")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            ax.set_title(f"{name} {row % len(references) + 1} {title}", fontsize=8)
-    fig.tight_layout()
-    # Through a temporary file, so an interrupted run leaves no half-written image.
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png", dpi=100)
-    os.replace(tmp, path)
-    plt.close(fig)
-    return True
-
-
 def _demo(args) -> int:
     from .estimator import MissingDataMLClassifier
     from .io import write_maps
     from .metrics import class_purity, classified_orientation_errors
+    from .plots import plot_central_slices
     from .regularization import LinearDecay
     from .sampling import symmetry_group
     from .simulate import demo_dataset
@@ -196,7 +168,11 @@ def _demo(args) -> int:
     )
     median_error = float(np.median(errors)) if errors.size else float("nan")
     write_maps(out, est.references_, data.voxel_size, overwrite=args.overwrite)
-    png = _write_slices_png(out / "class_averages.png", est.references_, data.references)
+    try:
+        plot_central_slices(est.references_, out / "class_averages.png", truth=data.references)
+        png = True
+    except ImportError:
+        png = False
     print(f"Class purity against the truth: {purity:.3f}")
     print(f"Median orientation error (correctly classified): {median_error:.1f} degrees")
     print(f"Class weights: {np.round(est.class_weights_, 3).tolist()}, sigma {est.sigma_:.4g}")

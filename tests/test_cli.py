@@ -83,6 +83,8 @@ def test_simulate_then_fit_recovers_the_truth(tmp_path, capsys):
     for name in ("class_01.mrc", "class_02.mrc"):
         assert mrcfile.validate(str(out / name))
     assert "iteration 8" in (out / "run.log").read_text()
+    for name in ("convergence.png", "class_averages.png", "orientations.png", "fsc.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_user_mistakes_are_one_line_errors(tmp_path, capsys):
