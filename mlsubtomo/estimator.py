@@ -482,6 +482,7 @@ class MissingDataMLClassifier(DensityMixin, _SubtomogramClassifier):
             "sigma_history": [],
             "weights_history": [],
             "labels": None,
+            "best_rotations": None,
             "rotations": init_rotations,
             "converged": False,
         }
@@ -512,8 +513,8 @@ class MissingDataMLClassifier(DensityMixin, _SubtomogramClassifier):
             self.sigma_history_.append(self.sigma_)
             self.class_weights_history_.append(self.class_weights_.copy())
             self.n_iter_ = iteration + 1
-            self._log_iteration(iteration, stats, run["labels"], labels, start)
-            run["labels"] = labels
+            self._log_iteration(iteration, stats, run, labels, result.rotations, start)
+            run["labels"], run["best_rotations"] = labels, result.rotations
             if iteration > 0:
                 change = (self.log_likelihood_history_[-1] - self.log_likelihood_history_[-2]) / n
                 self.converged_ = bool(abs(change) < self.tol)
@@ -644,14 +645,20 @@ class MissingDataMLClassifier(DensityMixin, _SubtomogramClassifier):
             self.sigma_ = float(max(np.sqrt(max(sigma2, 0.0)), _SIGMA_FLOOR * self._data_rms))
         self._set_references(refs)
 
-    def _log_iteration(self, iteration, stats, previous_labels, labels, start):
+    def _log_iteration(self, iteration, stats, previous, labels, rotations, start):
+        """One line: the figures a user watches to judge convergence and class collapse."""
         sizes = np.bincount(labels, minlength=self.n_classes)
-        changed = np.nan if previous_labels is None else np.mean(previous_labels != labels)
+        changed = turned = np.nan
+        if previous["labels"] is not None:
+            changed = np.mean(previous["labels"] != labels)
+            relative = np.einsum("nji,njk->nik", previous["best_rotations"], rotations)
+            turned = np.degrees(np.mean(Rotation.from_matrix(relative).magnitude()))
         message = (
             f"iteration {iteration + 1}: log-likelihood {stats.log_likelihood:.6g}, "
             f"sigma {self.sigma_:.4g}, xi {self.xi_:.3g}, class sizes {sizes.tolist()}, "
             f"class weights {np.round(self.class_weights_, 3).tolist()}, "
-            f"class changes {changed:.3f}, {time.perf_counter() - start:.1f} s"
+            f"class changes {changed:.3f}, mean orientation change {turned:.1f} deg, "
+            f"{time.perf_counter() - start:.1f} s"
         )
         _log(message, self.verbose)
 

@@ -92,3 +92,23 @@ def test_user_mistakes_are_one_line_errors(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("mlsubtomo: error:") and "missing.star" in err
     assert err.count("\n") == 1
+
+
+def test_fit_resume_after_an_interruption_ends_like_an_uninterrupted_run(tmp_path):
+    import starfile
+
+    data = tmp_path / "d"
+    assert main(["simulate", "--out", str(data), "--n-particles", "16", "--box", "16",
+                 "--snr", "0.5", "--max-shift", "1"]) == 0
+    common = [str(data / "particles.star"), "--classes", "2", "--angular-step", "60",
+              "--max-shift", "1", "--n-jobs", "1"]
+    assert main(["fit", *common, "--iterations", "5", "--out", str(tmp_path / "full")]) == 0
+    assert main(["fit", *common, "--iterations", "3", "--out", str(tmp_path / "cut")]) == 0
+    assert main(["fit", *common, "--iterations", "5", "--out", str(tmp_path / "cut"),
+                 "--resume"]) == 0
+    for name in ("class_01.mrc", "class_02.mrc"):
+        with mrcfile.open(tmp_path / "full" / name) as a, mrcfile.open(tmp_path / "cut" / name) as b:
+            np.testing.assert_allclose(b.data, a.data, atol=1e-6 * np.abs(a.data).max())
+    full = starfile.read(tmp_path / "full" / "particles.star")["particles"]
+    cut = starfile.read(tmp_path / "cut" / "particles.star")["particles"]
+    np.testing.assert_array_equal(cut["rlnClassNumber"], full["rlnClassNumber"])
