@@ -107,8 +107,9 @@ def test_fit_resume_after_an_interruption_ends_like_an_uninterrupted_run(tmp_pat
     assert main(["fit", *common, "--iterations", "5", "--out", str(tmp_path / "cut"),
                  "--resume"]) == 0
     for name in ("class_01.mrc", "class_02.mrc"):
-        with mrcfile.open(tmp_path / "full" / name) as a, mrcfile.open(tmp_path / "cut" / name) as b:
-            np.testing.assert_allclose(b.data, a.data, atol=1e-6 * np.abs(a.data).max())
+        with mrcfile.open(tmp_path / "full" / name) as a:
+            with mrcfile.open(tmp_path / "cut" / name) as b:
+                np.testing.assert_allclose(b.data, a.data, atol=1e-6 * np.abs(a.data).max())
     full = starfile.read(tmp_path / "full" / "particles.star")["particles"]
     cut = starfile.read(tmp_path / "cut" / "particles.star")["particles"]
     np.testing.assert_array_equal(cut["rlnClassNumber"], full["rlnClassNumber"])
