@@ -1,26 +1,16 @@
 """ConstrainedCCClassifier: the cross-correlation baseline."""
 
 import numpy as np
-import pytest
+from conftest import BOX
 
 from mlsubtomo.baselines import ConstrainedCCClassifier
 from mlsubtomo.masks import MissingWedge
 from mlsubtomo.metrics import class_purity
 from mlsubtomo.regularization import LinearDecay
-from mlsubtomo.simulate import groel_groes_phantom, groel_phantom, make_dataset
+from mlsubtomo.simulate import make_dataset
 from mlsubtomo.transform import centre_for_fft, rotate_volume, shift_volume
 
 WEDGE = MissingWedge(-60, 60)
-BOX = 16
-VOXEL = 240 / BOX
-
-
-@pytest.fixture(scope="module")
-def phantoms():
-    return [
-        groel_phantom(BOX, VOXEL, 2.5 * VOXEL),
-        groel_groes_phantom(BOX, VOXEL, 2.5 * VOXEL),
-    ]
 
 
 def test_easy_data_is_classified_perfectly(phantoms):

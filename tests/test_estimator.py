@@ -5,6 +5,7 @@ import warnings
 
 import numpy as np
 import pytest
+from conftest import BOX
 from sklearn import config_context
 from sklearn.base import clone
 from sklearn.exceptions import NotFittedError
@@ -16,19 +17,9 @@ from mlsubtomo.metrics import class_purity, classified_orientation_errors
 from mlsubtomo.preprocessing import ParticleNormalizer
 from mlsubtomo.regularization import LinearDecay
 from mlsubtomo.sampling import so3_grid, symmetry_group
-from mlsubtomo.simulate import groel_groes_phantom, groel_phantom, make_dataset
+from mlsubtomo.simulate import make_dataset
 
 WEDGE = MissingWedge(-60, 60)
-BOX = 16
-VOXEL = 240 / BOX
-
-
-@pytest.fixture(scope="module")
-def phantoms():
-    return [
-        groel_phantom(BOX, VOXEL, 2.5 * VOXEL),
-        groel_groes_phantom(BOX, VOXEL, 2.5 * VOXEL),
-    ]
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,8 @@ import pytest
 
 pytest.importorskip("matplotlib")
 
+from conftest import BOX, VOXEL
+
 from mlsubtomo.cli import main  # noqa: E402
 from mlsubtomo.estimator import MissingDataMLClassifier  # noqa: E402
 from mlsubtomo.masks import MissingWedge  # noqa: E402
@@ -19,10 +21,8 @@ from mlsubtomo.plots import (  # noqa: E402
     plot_orientations,
     write_report,
 )
-from mlsubtomo.simulate import groel_groes_phantom, groel_phantom, make_dataset  # noqa: E402
+from mlsubtomo.simulate import make_dataset  # noqa: E402
 
-BOX = 16
-VOXEL = 240 / BOX
 WEDGE = MissingWedge(-60, 60)
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -37,14 +37,6 @@ def _assert_png(path):
 def _assert_no_temp_files(folder):
     leftovers = [p.name for p in folder.iterdir() if p.name.startswith(".") or "tmp" in p.name]
     assert leftovers == []
-
-
-@pytest.fixture(scope="module")
-def phantoms():
-    return [
-        groel_phantom(BOX, VOXEL, 2.5 * VOXEL),
-        groel_groes_phantom(BOX, VOXEL, 2.5 * VOXEL),
-    ]
 
 
 @pytest.fixture(scope="module")
