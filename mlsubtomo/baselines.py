@@ -187,7 +187,9 @@ class ConstrainedCCClassifier(_SubtomogramClassifier):
 
     def _search(self, data, settings, rotations, current_rotations):
         shifts, _ = kernel.shift_window(self._shift_limit(), 0.0)
-        search = kernel.SearchSpace(rotations, shifts, np.zeros(len(shifts)))
+        search = kernel.SearchSpace(
+            self._search_rotations(rotations, current_rotations), shifts, np.zeros(len(shifts))
+        )
         model = kernel.Model(self._references_real, np.zeros(self.n_classes), 1.0)
         result, _ = self._run_kernel(
             kernel.correlation_search, data, model, search, current_rotations, settings=settings

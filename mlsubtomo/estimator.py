@@ -155,12 +155,20 @@ class _SubtomogramClassifier(BaseEstimator):
             limit = min(limit, self.max_shift)
         return limit
 
+    def _search_rotations(self, rotations, current_rotations):
+        """Orientations searched: the grid, or each particle's own when not aligning."""
+        return rotations if self.align else current_rotations
+
     def _run_kernel(self, function, data, model, search, current_rotations, **kwargs):
-        """Run a kernel function over particle chunks (joblib) and join the results."""
+        """Run a kernel function over particle chunks (joblib) and join the results.
+
+        Without alignment ``search.rotations`` holds one orientation per particle and
+        particle i searches only the i-th; with ``local_search`` each particle searches
+        the grid orientations near its current one.
+        """
         n = len(data)
         candidates = None
         if not self.align:
-            search.rotations = current_rotations
             candidates = np.eye(n, dtype=bool)
         elif self.local_search is not None:
             candidates = kernel.local_candidates(
@@ -607,7 +615,9 @@ class MissingDataMLClassifier(DensityMixin, _SubtomogramClassifier):
     def _e_step(self, data, settings, rotations, current_rotations, accumulate):
         """Scores, posteriors and (optionally) statistics for all particles."""
         shifts, log_prior = kernel.shift_window(self._shift_limit(self.xi_), self.xi_)
-        search = kernel.SearchSpace(rotations, shifts, log_prior)
+        search = kernel.SearchSpace(
+            self._search_rotations(rotations, current_rotations), shifts, log_prior
+        )
         result, stats = self._run_kernel(
             kernel.e_step, data, self._model(), search, current_rotations,
             settings=settings, accumulate=accumulate,
