@@ -49,6 +49,8 @@ class ConstrainedCCClassifier(_SubtomogramClassifier):
     interpolation_order : int, default=1
     fft_backend : {"pyfftw", "scipy"}, default="pyfftw"
     n_jobs : int, default=None
+    memory_budget : float, default=4.0
+        As in :class:`MissingDataMLClassifier`.
     random_state : int, RandomState or None, default=None
     verbose : int, default=0
 
@@ -87,6 +89,7 @@ class ConstrainedCCClassifier(_SubtomogramClassifier):
         interpolation_order=1,
         fft_backend="pyfftw",
         n_jobs=None,
+        memory_budget=4.0,
         random_state=None,
         verbose=0,
     ):
@@ -107,6 +110,7 @@ class ConstrainedCCClassifier(_SubtomogramClassifier):
         self.interpolation_order = interpolation_order
         self.fft_backend = fft_backend
         self.n_jobs = n_jobs
+        self.memory_budget = memory_budget
         self.random_state = random_state
         self.verbose = verbose
 
@@ -192,7 +196,7 @@ class ConstrainedCCClassifier(_SubtomogramClassifier):
         )
         model = kernel.Model(self._references_real, np.zeros(self.n_classes), 1.0)
         result, _ = self._run_kernel(
-            kernel.correlation_search, data, model, search, current_rotations, settings=settings
+            kernel.correlation_search, data, model, search, current_rotations, settings
         )
         return result
 

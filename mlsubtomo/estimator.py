@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import hashlib
 import logging
 import numbers
@@ -13,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import scipy.sparse
-from joblib import Parallel, delayed, effective_n_jobs
+from joblib import effective_n_jobs
 from scipy.spatial.transform import Rotation
 from sklearn.base import BaseEstimator, DensityMixin
 from sklearn.utils import check_random_state
@@ -34,9 +36,6 @@ _MISSING_DATA = ("impute", "weighted_average")
 # sigma never falls below this fraction of the data's RMS per observed component, so
 # that noise-free data give large but finite scores instead of a division by zero.
 _SIGMA_FLOOR = 1e-5
-# Rotated references of one iteration up to this size are computed once and shared
-# by all particle chunks; larger sets are rotated block by block inside each chunk.
-_SHARED_TRANSFORM_BYTES = 1 << 30
 
 
 class _SubtomogramClassifier(BaseEstimator):
@@ -67,6 +66,7 @@ class _SubtomogramClassifier(BaseEstimator):
             _check_real(self, "local_search", 0.0, 180.0, low_open=True)
         _check_integer(self, "max_iter", 0)
         _check_real(self, "tol", 0.0)
+        _check_real(self, "memory_budget", 0.0, low_open=True)
         _check_integer(self, "interpolation_order", 0)
         if self.interpolation_order > 5:
             raise ValueError(
@@ -159,12 +159,13 @@ class _SubtomogramClassifier(BaseEstimator):
         """Orientations searched: the grid, or each particle's own when not aligning."""
         return rotations if self.align else current_rotations
 
-    def _run_kernel(self, function, data, model, search, current_rotations, **kwargs):
-        """Run a kernel function over particle chunks (joblib) and join the results.
+    def _run_kernel(self, function, data, model, search, current_rotations, settings, **kwargs):
+        """Run a kernel function over particle chunks sized by ``memory_budget``.
 
         Without alignment ``search.rotations`` holds one orientation per particle and
         particle i searches only the i-th; with ``local_search`` each particle searches
-        the grid orientations near its current one.
+        the grid orientations near its current one. Returns the joined per-particle
+        results and the statistics of each chunk.
         """
         n = len(data)
         candidates = None
@@ -174,33 +175,30 @@ class _SubtomogramClassifier(BaseEstimator):
             candidates = kernel.local_candidates(
                 search.rotations, current_rotations, self.local_search
             )
-        n_workers = min(effective_n_jobs(self.n_jobs), n)
-        transforms = self._shared_transforms(model, search, kwargs["settings"], n_workers)
-        chunks = np.array_split(np.arange(n), n_workers)
-        parts = [data.subset(c, None if candidates is None else candidates[c]) for c in chunks]
-        if n_workers == 1:
-            results = [function(parts[0], model, search, transforms=transforms, **kwargs)]
-        else:
-            results = Parallel(n_jobs=n_workers)(
-                delayed(function)(part, model, search, transforms=transforms, **kwargs)
-                for part in parts
-            )
+        size, keep_scores, share = kernel.chunk_plan(
+            n, model.references.shape[0], len(search.rotations), len(search.shifts),
+            self._box_size, self.memory_budget * 2**30,
+        )
+        settings = dataclasses.replace(
+            settings, n_jobs=effective_n_jobs(self.n_jobs), keep_scores=keep_scores
+        )
+        chunks = [np.arange(s, min(n, s + size)) for s in range(0, n, size)]
+        transforms = None
+        if share and (len(chunks) > 1 or not keep_scores):
+            transforms = kernel.rotated_transforms(model.references, search.rotations, settings)
+        results = []
+        with _progress(n, self.verbose) as bar:
+            for c in chunks:
+                part = data.subset(c, None if candidates is None else candidates[c])
+                share = len(c)
+                results.append(function(
+                    part, model, search, settings, transforms=transforms,
+                    progress=lambda fraction, share=share: bar.update(fraction * share),
+                    **kwargs,
+                ))
         result = kernel.ChunkResult.concatenate(results)
         result.rotations = search.rotations[result.best_rotation]
         return result, [r.statistics for r in results]
-
-    def _shared_transforms(self, model, search, settings, n_workers):
-        """The rotated references of this E-step, made once for all chunks if they fit."""
-        d = self._box_size
-        size = model.references.shape[0] * len(search.rotations) * d * d * (d // 2 + 1) * 8
-        if size > _SHARED_TRANSFORM_BYTES:
-            return None
-        blocks = np.array_split(np.arange(len(search.rotations)), n_workers)
-        parts = Parallel(n_jobs=n_workers)(
-            delayed(kernel.rotated_transforms)(model.references, search.rotations[b], settings)
-            for b in blocks
-        )
-        return np.concatenate(parts, axis=1)
 
     def _initial_references(self, data, settings, rng):
         """Given references, or the paper's weighted averages of random subsets."""
@@ -323,10 +321,15 @@ class MissingDataMLClassifier(DensityMixin, _SubtomogramClassifier):
         Spline order of the real-space rotations (1: trilinear).
     fft_backend : {"pyfftw", "scipy"}, default="pyfftw"
     n_jobs : int, default=None
-        Parallel workers over particle chunks (joblib); -1 uses all cores.
+        Orientation blocks scored at once (joblib threads, or the backend set with
+        ``joblib.parallel_config``, e.g. Dask); -1 uses all cores.
+    memory_budget : float, default=4.0
+        GiB the E-step's working set may use: particles are processed in chunks
+        sized from it, and scores are kept between the two passes when they fit.
     random_state : int, RandomState or None, default=None
     verbose : int, default=0
-        1 logs one line per iteration and shows a progress bar.
+        1 logs one line per iteration and shows progress bars over iterations and
+        over the particles of each E-step.
     warm_start : bool, default=False
         Start the next call to ``fit`` from the fitted model instead of new
         initial references.
@@ -337,7 +340,8 @@ class MissingDataMLClassifier(DensityMixin, _SubtomogramClassifier):
         If ``checkpoint_path`` exists, continue the run it holds from its last
         complete iteration; the result equals that of an uninterrupted run. The
         checkpoint must come from the same data and hyper-parameters (``max_iter``,
-        ``tol``, ``n_jobs``, ``verbose`` and the checkpoint options may differ).
+        ``tol``, ``n_jobs``, ``memory_budget``, ``verbose`` and the checkpoint options
+        may differ).
 
     Attributes
     ----------
@@ -399,6 +403,7 @@ class MissingDataMLClassifier(DensityMixin, _SubtomogramClassifier):
         interpolation_order=1,
         fft_backend="pyfftw",
         n_jobs=None,
+        memory_budget=4.0,
         random_state=None,
         verbose=0,
         warm_start=False,
@@ -430,6 +435,7 @@ class MissingDataMLClassifier(DensityMixin, _SubtomogramClassifier):
         self.interpolation_order = interpolation_order
         self.fft_backend = fft_backend
         self.n_jobs = n_jobs
+        self.memory_budget = memory_budget
         self.random_state = random_state
         self.verbose = verbose
         self.warm_start = warm_start
@@ -556,7 +562,9 @@ class MissingDataMLClassifier(DensityMixin, _SubtomogramClassifier):
         "_references_hat", "_references_real", "references_", "class_weights_", "sigma_", "xi_"
     )
     # Hyper-parameters that may change between an interrupted run and its resumption.
-    _RESUMABLE = ("max_iter", "tol", "n_jobs", "verbose", "checkpoint_path", "resume")
+    _RESUMABLE = (
+        "max_iter", "tol", "n_jobs", "memory_budget", "verbose", "checkpoint_path", "resume"
+    )
 
     def _save_checkpoint(self, fingerprint, rng, run):
         if self.checkpoint_path is None:
@@ -619,8 +627,8 @@ class MissingDataMLClassifier(DensityMixin, _SubtomogramClassifier):
             self._search_rotations(rotations, current_rotations), shifts, log_prior
         )
         result, stats = self._run_kernel(
-            kernel.e_step, data, self._model(), search, current_rotations,
-            settings=settings, accumulate=accumulate,
+            kernel.e_step, data, self._model(), search, current_rotations, settings,
+            accumulate=accumulate,
         )
         return (sum(stats) if accumulate else None), result
 
@@ -703,6 +711,23 @@ def _log(message: str, verbose) -> None:
         from tqdm.auto import tqdm
 
         tqdm.write(message)
+
+
+@contextlib.contextmanager
+def _progress(n_particles, verbose):
+    """A progress bar over the particles of one E-step (when verbose), else a no-op."""
+    if not verbose:
+        yield _NoBar()
+        return
+    from tqdm.auto import tqdm
+
+    with tqdm(total=n_particles, unit="particle", desc="E-step", leave=False) as bar:
+        yield bar
+
+
+class _NoBar:
+    def update(self, _):
+        pass
 
 
 def _fingerprint(*arrays) -> str:

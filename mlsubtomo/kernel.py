@@ -5,9 +5,11 @@ For a chunk of particles and the current model this module
 1. rotates each reference once per orientation (real space, about the box centre)
    and Fourier transforms it;
 2. scores every searched (particle, class, orientation, shift): the cross term
-   over all shifts comes from one inverse FFT of ``w_i X_i conj(R A_k)`` per
-   (particle, class, orientation), the masked power ``sum_q m w_i |R A_k|^2`` of
-   all particles at once from one matrix product per orientation block;
+   over all shifts comes from ``w_i X_i conj(R A_k)`` per (particle, class,
+   orientation), summed either by one inverse FFT of the whole volume or, for a
+   small cube of shifts, by partial DFTs that compute only the shifts searched
+   (three matrix products); the masked power ``sum_q m w_i |R A_k|^2`` of all
+   particles comes from one matrix product per orientation block;
 3. normalises with log-sum-exp, giving each particle's log-likelihood, class
    posteriors and best (class, orientation, shift);
 4. (``accumulate=True``) accumulates the sufficient statistics of design section 2b
@@ -15,8 +17,9 @@ For a chunk of particles and the current model this module
    relative to the particle's best pair, summing per (class, orientation) over the
    chunk before rotating back into the reference frame once per pair.
 
-Only per-pair maxima and log-sums are kept between the two passes, so the memory
-of a chunk grows with N K R, not with the number of shifts or the box volume.
+Orientation blocks are the unit of parallel work (joblib threads by default). The
+first pass keeps per-pair maxima and log-sums and, when the memory budget allows
+(:func:`chunk_plan`), every score, so that the second pass need not recompute them.
 
 Fourier arrays are half grids of volumes whose rotation centre has been moved to
 index 0 (:func:`mlsubtomo.transform.centre_for_fft`), so rotating a volume rotates
@@ -25,10 +28,13 @@ its transform without a phase ramp.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import numpy as np
+from joblib import Parallel, delayed
 from scipy.spatial.transform import Rotation
+from threadpoolctl import threadpool_limits
 
 from .fft import FFTBackend, frequency_grid, half_grid_shape, hermitian_multiplicity
 from .masks import FullData
@@ -41,6 +47,7 @@ __all__ = [
     "Model",
     "ParticleChunk",
     "SearchSpace",
+    "chunk_plan",
     "correlation_search",
     "e_step",
     "hard_statistics",
@@ -53,8 +60,11 @@ __all__ = [
     "shift_window",
 ]
 
-# Bytes of scratch memory one batch of pair transforms may use.
-_PAIR_BATCH_BYTES = 1 << 26
+# Bytes of scratch memory one batch of pair products may use: small enough to stay
+# in cache between the product and its transform.
+_PAIR_BATCH_BYTES = 1 << 22
+# Keeping the scores is only worth it when it leaves chunks at least this large.
+_MIN_SCORED_CHUNK = 64
 
 
 @dataclass
@@ -151,7 +161,17 @@ class KernelSettings:
     fft_backend, threads : str, int
         Passed to :class:`mlsubtomo.fft.FFTBackend`.
     orientation_block : int
-        Orientations rotated and scored together.
+        Orientations rotated and scored together: the unit of parallel work.
+    n_jobs : int
+        Orientation blocks processed at once (joblib; threads unless the caller
+        chose another backend).
+    keep_scores : bool
+        Keep every score of the first pass for the second (see :func:`chunk_plan`)
+        instead of recomputing those of the significant pairs.
+    shift_method : {"auto", "fft", "window"}
+        How the cross terms over the shift window are summed: inverse FFTs of whole
+        volumes, or partial DFTs over the cube of shifts only ("auto" picks the
+        window when the cube spans at most a quarter of the box).
     """
 
     masks: list
@@ -162,6 +182,9 @@ class KernelSettings:
     fft_backend: str = "pyfftw"
     threads: int = 1
     orientation_block: int = 16
+    n_jobs: int = 1
+    keep_scores: bool = True
+    shift_method: str = "auto"
 
 
 @dataclass
@@ -303,11 +326,21 @@ def local_candidates(grid: np.ndarray, centres: np.ndarray, max_angle: float) ->
 def rotated_transforms(
     references: np.ndarray, rotations: np.ndarray, settings: KernelSettings
 ) -> np.ndarray:
-    """Centred half-grid transforms of every reference at every rotation, (K, b, ...).
+    """Centred half-grid transforms of every reference at every rotation, (K, R, ...).
 
     Computing these once per iteration and passing them to :func:`e_step` saves each
-    particle chunk from rotating the references itself.
+    particle chunk from rotating the references itself. Orientation blocks are
+    rotated in parallel (``settings.n_jobs`` threads).
     """
+    blocks = _blocks(len(rotations), settings.orientation_block)
+    with _blas_threads(settings):
+        parts = list(_parallel(settings.n_jobs)(
+            delayed(_rotate_block)(references, rotations[block], settings) for block in blocks
+        ))
+    return np.concatenate(parts, axis=1)
+
+
+def _rotate_block(references, rotations, settings):
     backend = FFTBackend(settings.fft_backend, settings.threads)
     k, d = references.shape[0], references.shape[-1]
     rotated = np.empty((k, len(rotations), d, d, d), dtype=np.float32)
@@ -319,23 +352,159 @@ def rotated_transforms(
     return backend.rfftn(centre_for_fft(rotated))
 
 
+def _parallel(n_jobs):
+    """Threads by default: the tasks share the chunk's arrays and spend their time in
+    BLAS, FFTW and scipy.ndimage, which release the GIL. A joblib backend chosen by
+    the caller (e.g. ``parallel_config(backend="dask")``) takes precedence."""
+    return Parallel(n_jobs=n_jobs, prefer="threads", return_as="generator")
+
+
+def _blas_threads(settings):
+    """Each task's small matrix products run on ``settings.threads`` BLAS threads, so
+    that n_jobs tasks fill the cores without oversubscribing them."""
+    return threadpool_limits(limits=settings.threads, user_api="blas")
+
+
+def _with_blas_threads(function):
+    @functools.wraps(function)
+    def wrapper(chunk, model, search, settings, *args, **kwargs):
+        with _blas_threads(settings):
+            return function(chunk, model, search, settings, *args, **kwargs)
+
+    return wrapper
+
+
+def chunk_plan(
+    n_particles: int,
+    n_classes: int,
+    n_rotations: int,
+    n_shifts: int,
+    box_size: int,
+    memory_budget: float,
+) -> tuple[int, bool, bool]:
+    """How to cover ``n_particles`` within ``memory_budget`` bytes.
+
+    Returns
+    -------
+    chunk_size : int
+        Particles per call of :func:`e_step`.
+    keep_scores : bool
+        Whether the first pass keeps every score for the second, rather than the
+        second pass recomputing the scores of the significant pairs.
+    share_transforms : bool
+        Whether the rotated references of the whole search fit, so they are made
+        once per iteration for all chunks.
+    """
+    half = box_size * box_size * (box_size // 2 + 1)
+    transform_bytes = n_classes * n_rotations * half * 8
+    share = transform_bytes <= memory_budget / 4
+    available = memory_budget - (transform_bytes if share else 0)
+    # Prepared data, the per-pair maxima, log-sums, arguments and kept flags.
+    per_particle = half * 8 + n_classes * n_rotations * 21
+    per_scores = n_classes * n_rotations * n_shifts * 4
+    with_scores = int(available // (per_particle + per_scores))
+    if with_scores >= min(n_particles, _MIN_SCORED_CHUNK):
+        return max(1, min(n_particles, with_scores)), True, share
+    return max(1, min(n_particles, int(available // per_particle))), False, share
+
+
+class _FourierShifts:
+    """Sums over the full grid at integer shifts, by batched FFTs of whole volumes.
+
+    ``cross(P)[j, t] = sum_q P_j(q) exp(+2 pi i q.t / D)`` over the full grid (real for
+    Hermitian P), and ``spread(g)[j, q] = sum_t g_j(t) exp(+2 pi i q.t / D)`` on the
+    half grid.
+    """
+
+    def __init__(self, box_size, shifts, backend):
+        d = box_size
+        tx, ty, tz = shifts.T
+        self.flat = ((tz % d) * d + (ty % d)) * d + (tx % d)
+        self.d = d
+        self.backend = backend
+        # Undoes the orthonormal factor of the transforms.
+        self.scale = float(d) ** 1.5
+
+    def cross(self, products):
+        real = self.backend.irfftn(products, self.d).reshape(len(products), -1)
+        return real[:, self.flat].astype(np.float64) * self.scale
+
+    def spread(self, weights):
+        d = self.d
+        grid = np.zeros((len(weights), d**3), dtype=np.float32)
+        grid[:, self.flat] = weights * self.scale
+        return np.conj(self.backend.rfftn(grid.reshape(-1, d, d, d)))
+
+
+class _WindowShifts:
+    """The sums of :class:`_FourierShifts` for the cube of shifts ``|t|_inf <= L``.
+
+    Only ``n = 2L + 1`` outputs are needed along each axis, so each transform is three
+    matrix products (z, y, then the half x axis), the first costing ``n / D`` of a
+    dense pass; for small cubes this is well under the cost of one FFT.
+    """
+
+    def __init__(self, box_size, max_shift):
+        d = box_size
+        t = np.arange(-max_shift, max_shift + 1)
+        full = np.fft.fftfreq(d, 1.0 / d)
+        half = np.arange(d // 2 + 1)
+        self.d, self.n, self.h = d, len(t), d // 2 + 1
+        self.full_out = np.exp(2j * np.pi * np.outer(t, full) / d).astype(np.complex64)
+        self.full_in = np.ascontiguousarray(self.full_out.T)
+        # Columns with a Hermitian partner that the half grid omits count twice.
+        half_out = np.exp(2j * np.pi * np.outer(half, t) / d)
+        self.half_out = (half_out * hermitian_multiplicity(d)[:, None]).astype(np.complex64)
+        self.half_in = np.exp(2j * np.pi * np.outer(t, half) / d).astype(np.complex64)
+
+    def cross(self, products):
+        p, d, n, h = len(products), self.d, self.n, self.h
+        g = np.matmul(self.full_out, products.reshape(p, d, d * h))
+        g = np.matmul(self.full_out, g.reshape(p * n, d, h))
+        g = g.reshape(-1, h) @ self.half_out
+        return g.real.reshape(p, n**3).astype(np.float64)
+
+    def spread(self, weights):
+        p, d, n, h = len(weights), self.d, self.n, self.h
+        g = weights.astype(np.complex64).reshape(p * n * n, n) @ self.half_in
+        g = np.matmul(self.full_in, g.reshape(p * n, n, h))
+        g = np.matmul(self.full_in, g.reshape(p, n, d * h))
+        return g.reshape(p, d, d, h)
+
+
+def _shift_sums(box_size, shifts, backend, method):
+    """The shift transform for ``method`` ("auto", "fft" or "window")."""
+    limit = int(np.max(np.abs(shifts))) if len(shifts) else 0
+    cube = len(shifts) == (2 * limit + 1) ** 3 and np.array_equal(
+        shifts, shift_window(limit, 0.0)[0]
+    )
+    if method == "window" and not cube:
+        raise ValueError("shift_method='window' needs the full cube of shifts of shift_window")
+    # The window pays n / D of a dense pass per axis; an FFT about log2(D^3) / 4 of one.
+    if method == "window" or (method == "auto" and cube and 4 * (2 * limit + 1) <= box_size):
+        return _WindowShifts(box_size, limit)
+    return _FourierShifts(box_size, shifts, backend)
+
+
 class _Scorer:
     """Scores of (particle, class, orientation) pairs over the shift window."""
 
-    def __init__(self, chunk, model, search, settings, backend):
+    def __init__(self, chunk, model, search, settings):
         d = model.references.shape[-1]
         self.d = d
         self.chunk = chunk
         self.model = model
-        self.backend = backend
-        tx, ty, tz = search.shifts.T
-        self.flat_shift = ((tz % d) * d + (ty % d)) * d + (tx % d)
-        self.scale = float(d) ** 1.5
+        self.backend = FFTBackend(settings.fft_backend, settings.threads)
+        self.shift_sums = _shift_sums(d, search.shifts, self.backend, settings.shift_method)
         self.inv_two_var = 1.0 / (2.0 * model.sigma**2)
         self.log_shift_prior = search.log_shift_prior
+        self.finite_shift_prior = np.where(
+            np.isfinite(search.log_shift_prior), search.log_shift_prior, 0.0
+        )
         self.mask_weights = settings.mask_arrays * hermitian_multiplicity(d)
         # A power of two, so that the batches of any pair list come in few sizes.
-        self.batch = 1 << max(0, int(np.log2(max(1, _PAIR_BATCH_BYTES // (12 * d**3)))))
+        pair_bytes = 8 * d * d * (d // 2 + 1)
+        self.batch = 1 << max(0, int(np.log2(max(1, _PAIR_BATCH_BYTES // pair_bytes))))
         n_rot = len(search.rotations)
         if chunk.candidates is None:
             self.log_orientation_prior = np.full(len(chunk), -np.log(n_rot))
@@ -350,13 +519,30 @@ class _Scorer:
         groups = self.mask_weights.reshape(len(self.mask_weights), -1)
         return (groups @ power.T).reshape(-1, k, b)
 
-    def cross(self, particles, transforms):
-        """``<X_j, S_t V_j>`` over O_j for every searched shift t: (pairs, T)."""
-        product = self.chunk.data[particles] * np.conj(transforms)
-        cross = self.backend.irfftn(product, self.d).reshape(len(particles), -1)
-        return cross[:, self.flat_shift].astype(np.float64) * self.scale
+    def pair_batches(self, conj_transforms, candidates):
+        """Yield ``(particles, local rotations, cross terms)`` of the searched pairs.
 
-    def correlations(self, k, particles, transforms, power):
+        ``conj_transforms`` holds the conjugated transforms of one class over an
+        orientation block; ``candidates`` (n, b) restricts the pairs, None searches all.
+        """
+        data = self.chunk.data
+        b = len(conj_transforms)
+        if candidates is None:
+            # Whole rows of particles: products by broadcasting, without gathers.
+            rows = max(1, self.batch // b)
+            for start in range(0, len(data), rows):
+                stop = min(len(data), start + rows)
+                products = data[start:stop, None] * conj_transforms[None]
+                cross = self.shift_sums.cross(products.reshape(-1, *data.shape[1:]))
+                p = np.repeat(np.arange(start, stop), b)
+                yield p, np.tile(np.arange(b), stop - start), cross
+            return
+        particles, local = np.nonzero(candidates)
+        for batch in _batches(len(particles), self.batch):
+            p, r = particles[batch], local[batch]
+            yield p, r, self.shift_sums.cross(data[p] * conj_transforms[r])
+
+    def correlations(self, particles, cross, power):
         """Constrained cross-correlation over O_j for every shift (reference section 4b).
 
         With DC unobserved both maps have zero mean, so the Pearson correlation
@@ -364,51 +550,40 @@ class _Scorer:
         """
         norms = np.sqrt(self.chunk.power[particles] * power)
         with np.errstate(divide="ignore", invalid="ignore"):
-            cc = self.cross(particles, transforms) / norms[:, None]
-        return np.where(norms[:, None] > 0, cc, 0.0), None
+            cc = cross / norms[:, None]
+        return np.where(norms[:, None] > 0, cc, 0.0)
 
-    def scores(self, k, particles, transforms, power):
-        """Scores and residuals over shifts for pairs (particles[j], transforms[j])."""
-        chunk = self.chunk
-        cross = self.cross(particles, transforms)
-        residual = (chunk.power[particles] + power)[:, None] - 2.0 * cross
-        score = (
+    def scores(self, k, particles, cross, power):
+        """Scores and residuals over shifts for pairs with the given cross terms."""
+        residual = (self.chunk.power[particles] + power)[:, None] - 2.0 * cross
+        return self._prior(k, particles) - residual * self.inv_two_var, residual
+
+    def residuals(self, k, particles, score):
+        """The residuals behind ``score`` (:meth:`scores` inverted); 0 where score is -inf."""
+        base = (
+            self.model.log_class_weights[k]
+            + self.log_orientation_prior[particles, None]
+            + self.finite_shift_prior[None, :]
+        )
+        residual = (base - score) / self.inv_two_var
+        return np.where(np.isfinite(score), residual, 0.0)
+
+    def _prior(self, k, particles):
+        return (
             self.model.log_class_weights[k]
             + self.log_orientation_prior[particles, None]
             + self.log_shift_prior[None, :]
-            - residual * self.inv_two_var
         )
-        return score, residual
 
 
-def _score_all_pairs(chunk, blocks, classes, block_transforms, scorer, score):
-    """Yield ``(k, particles, rotations, values)`` for every searched pair, in batches.
-
-    ``score`` is a bound method of the scorer (``scores`` or ``correlations``); each
-    orientation block is rotated once and its masked powers computed once.
-    """
-    for block in blocks:
-        particles, local = _pairs(chunk, block)
-        if len(particles) == 0:
-            continue
-        rotated = block_transforms(block)
-        power = scorer.masked_power(rotated)
-        for k in classes:
-            for batch in _batches(len(particles), scorer.batch):
-                p, r = particles[batch], local[batch]
-                values, _ = score(k, p, rotated[k, r], power[chunk.group[p], k, r])
-                yield k, p, block[r], values
+def _block_transforms(model, search, settings, transforms, block):
+    if transforms is not None:
+        return transforms[:, block]
+    return _rotate_block(model.references, search.rotations[block], settings)
 
 
-def _transform_source(model, search, settings, transforms):
-    """A function giving the rotated references of an orientation block."""
-
-    def block_transforms(block):
-        if transforms is not None:
-            return transforms[:, block]
-        return rotated_transforms(model.references, search.rotations[block], settings)
-
-    return block_transforms
+def _block_candidates(chunk, block):
+    return None if chunk.candidates is None else chunk.candidates[:, block]
 
 
 def _batches(n: int, size: int):
@@ -424,18 +599,54 @@ def _batches(n: int, size: int):
         start += step
 
 
-def _pairs(chunk: ParticleChunk, block: np.ndarray):
-    """(particle, position-in-block) pairs searched in an orientation block."""
-    n = len(chunk)
-    if chunk.candidates is None:
-        return np.repeat(np.arange(n), len(block)), np.tile(np.arange(len(block)), n)
-    return np.nonzero(chunk.candidates[:, block])
-
-
 def _blocks(n_rotations: int, size: int):
     return [np.arange(s, min(s + size, n_rotations)) for s in range(0, n_rotations, size)]
 
 
+@dataclass
+class _BlockScores:
+    """What the first pass learns about one orientation block, (n, K, b) each.
+
+    ``relative`` (n, K, b, T) float32 holds every score minus its pair's maximum when
+    the settings keep scores for the second pass.
+    """
+
+    block: np.ndarray
+    pair_max: np.ndarray
+    pair_lse: np.ndarray
+    pair_arg: np.ndarray
+    relative: np.ndarray | None = None
+
+
+def _score_block(chunk, model, search, settings, block, transforms):
+    """First pass over one orientation block: per-pair maxima, log-sums and arguments."""
+    scorer = _Scorer(chunk, model, search, settings)
+    n, n_classes, b = len(chunk), model.references.shape[0], len(block)
+    out = _BlockScores(
+        block,
+        np.full((n, n_classes, b), -np.inf),
+        np.full((n, n_classes, b), -np.inf),
+        np.zeros((n, n_classes, b), dtype=np.int32),
+    )
+    if settings.keep_scores:
+        out.relative = np.zeros((n, n_classes, b, len(search.shifts)), dtype=np.float32)
+    rotated = _block_transforms(model, search, settings, transforms, block)
+    power = scorer.masked_power(rotated)
+    candidates = _block_candidates(chunk, block)
+    for k in np.flatnonzero(np.isfinite(model.log_class_weights)):
+        for p, r, cross in scorer.pair_batches(np.conj(rotated[k]), candidates):
+            score, _ = scorer.scores(k, p, cross, power[chunk.group[p], k, r])
+            top = score.max(axis=1)
+            relative = score - top[:, None]
+            out.pair_max[p, k, r] = top
+            out.pair_arg[p, k, r] = np.argmax(relative, axis=1)
+            out.pair_lse[p, k, r] = top + np.log(np.sum(np.exp(relative), axis=1))
+            if out.relative is not None:
+                out.relative[p, k, r] = relative
+    return out
+
+
+@_with_blas_threads
 def e_step(
     chunk: ParticleChunk,
     model: Model,
@@ -443,8 +654,12 @@ def e_step(
     settings: KernelSettings,
     accumulate: bool = True,
     transforms: np.ndarray | None = None,
+    progress=None,
 ) -> ChunkResult:
     """Score a chunk of particles against the model; optionally accumulate statistics.
+
+    Orientation blocks are processed in parallel (``settings.n_jobs``), twice when
+    accumulating: the second pass needs each particle's best pair over all blocks.
 
     Parameters
     ----------
@@ -458,26 +673,31 @@ def e_step(
     transforms : ndarray of shape (K, R, D, D, D//2+1), optional
         :func:`rotated_transforms` of the model at ``search.rotations``; computed
         block by block here when not given.
+    progress : callable, optional
+        Called with the fraction of the chunk's work done by each finished block.
 
     Returns
     -------
     ChunkResult
     """
-    backend = FFTBackend(settings.fft_backend, settings.threads)
-    scorer = _Scorer(chunk, model, search, settings, backend)
     n, n_classes, n_rot = len(chunk), model.references.shape[0], len(search.rotations)
-    active = np.flatnonzero(np.isfinite(model.log_class_weights))
     pair_max = np.full((n, n_classes, n_rot), -np.inf)
     pair_lse = np.full((n, n_classes, n_rot), -np.inf)
     pair_arg = np.zeros((n, n_classes, n_rot), dtype=np.int32)
     blocks = _blocks(n_rot, settings.orientation_block)
-    block_transforms = _transform_source(model, search, settings, transforms)
-    for k, p, rot, score in _score_all_pairs(
-        chunk, blocks, active, block_transforms, scorer, scorer.scores
+    share = 0.5 / len(blocks) if accumulate else 1.0 / len(blocks)
+    first = []
+    for part in _parallel(settings.n_jobs)(
+        delayed(_score_block)(chunk, model, search, settings, block, transforms)
+        for block in blocks
     ):
-        pair_max[p, k, rot] = score.max(axis=1)
-        pair_arg[p, k, rot] = score.argmax(axis=1)
-        pair_lse[p, k, rot] = logsumexp(score, axis=1)
+        pair_max[:, :, part.block] = part.pair_max
+        pair_lse[:, :, part.block] = part.pair_lse
+        pair_arg[:, :, part.block] = part.pair_arg
+        if accumulate:
+            first.append(part)
+        if progress is not None:
+            progress(share)
 
     lse = logsumexp(pair_lse.reshape(n, -1), axis=1)
     log_likelihood = lse - chunk.n_observed * np.log(np.sqrt(2.0 * np.pi) * model.sigma)
@@ -500,19 +720,32 @@ def e_step(
         with np.errstate(divide="ignore"):
             kept_mass = np.sum(np.where(kept, np.exp(pair_lse - lse[:, None, None]), 0.0), (1, 2))
             log_norm = lse + np.log(kept_mass)
-        result.statistics = _accumulate(
-            chunk, model, search, settings, scorer, kept, log_norm, blocks, block_transforms
-        )
-        result.statistics.log_likelihood = float(np.sum(log_likelihood))
+        stats = SufficientStatistics.zeros(n_classes, half_grid_shape(model.references.shape[-1]))
+        for part in _parallel(settings.n_jobs)(
+            delayed(_accumulate_block)(
+                chunk, model, search, settings, part, kept[:, :, part.block], log_norm,
+                transforms,
+            )
+            for part in first
+        ):
+            stats = stats + part
+            if progress is not None:
+                progress(share)
+        stats.n_observed = float(np.sum(chunk.n_observed))
+        stats.n_particles = n
+        stats.log_likelihood = float(np.sum(log_likelihood))
+        result.statistics = stats
     return result
 
 
+@_with_blas_threads
 def correlation_search(
     chunk: ParticleChunk,
     model: Model,
     search: SearchSpace,
     settings: KernelSettings,
     transforms: np.ndarray | None = None,
+    progress=None,
 ) -> ChunkResult:
     """Best (class, orientation, shift) of each particle by constrained cross-correlation.
 
@@ -526,23 +759,23 @@ def correlation_search(
         particle and ``class_log_posterior`` the best correlation with each class;
         ``statistics`` is None.
     """
-    backend = FFTBackend(settings.fft_backend, settings.threads)
-    scorer = _Scorer(chunk, model, search, settings, backend)
-    n, n_classes, n_rot = len(chunk), model.references.shape[0], len(search.rotations)
+    n, n_classes = len(chunk), model.references.shape[0]
     best = np.full((n, n_classes), -np.inf)
     best_rotation = np.zeros((n, n_classes), dtype=np.int64)
     best_shift = np.zeros((n, n_classes), dtype=np.int64)
-    blocks = _blocks(n_rot, settings.orientation_block)
-    block_transforms = _transform_source(model, search, settings, transforms)
-    for k, p, rot, cc in _score_all_pairs(
-        chunk, blocks, range(n_classes), block_transforms, scorer, scorer.correlations
+    blocks = _blocks(len(search.rotations), settings.orientation_block)
+    # Blocks come back in orientation order and only a strictly better block wins, so
+    # ties keep the first maximum in orientation order, as xmipp does.
+    for top, rotation, shift in _parallel(settings.n_jobs)(
+        delayed(_correlate_block)(chunk, model, search, settings, block, transforms)
+        for block in blocks
     ):
-        top, arg = cc.max(axis=1), cc.argmax(axis=1)
-        # Ties keep the first maximum, in orientation order, as xmipp does.
-        for j in np.flatnonzero(top > best[p, k]):
-            i = p[j]
-            if top[j] > best[i, k]:
-                best[i, k], best_rotation[i, k], best_shift[i, k] = top[j], rot[j], arg[j]
+        better = top > best
+        best[better], best_rotation[better], best_shift[better] = (
+            top[better], rotation[better], shift[better]
+        )
+        if progress is not None:
+            progress(1.0 / len(blocks))
     rows = np.arange(n)
     best_class = np.argmax(best, axis=1)
     top = best[rows, best_class]
@@ -556,6 +789,24 @@ def correlation_search(
     )
 
 
+def _correlate_block(chunk, model, search, settings, block, transforms):
+    """Best correlation of each (particle, class) in one block, its orientation and shift."""
+    scorer = _Scorer(chunk, model, search, settings)
+    n, n_classes, b = len(chunk), model.references.shape[0], len(block)
+    top = np.full((n, n_classes, b), -np.inf)
+    arg = np.zeros((n, n_classes, b), dtype=np.int64)
+    rotated = _block_transforms(model, search, settings, transforms, block)
+    power = scorer.masked_power(rotated)
+    candidates = _block_candidates(chunk, block)
+    for k in range(n_classes):
+        for p, r, cross in scorer.pair_batches(np.conj(rotated[k]), candidates):
+            cc = scorer.correlations(p, cross, power[chunk.group[p], k, r])
+            top[p, k, r], arg[p, k, r] = cc.max(axis=1), cc.argmax(axis=1)
+    first = np.argmax(top, axis=2)[..., None]
+    best = np.take_along_axis(top, first, axis=2)[..., 0]
+    return best, block[first[..., 0]], np.take_along_axis(arg, first, axis=2)[..., 0]
+
+
 def _significant_pairs(pair_max, pair_lse, threshold):
     """Pairs whose best posterior over shifts is not negligible next to the particle's best."""
     best = np.max(pair_max, axis=(1, 2), keepdims=True)
@@ -564,59 +815,49 @@ def _significant_pairs(pair_max, pair_lse, threshold):
     return np.isfinite(pair_lse) & (np.exp(pair_max - best) > 0)
 
 
-def _accumulate(chunk, model, search, settings, scorer, kept, log_norm, blocks, block_transforms):
-    """Second pass: the sufficient statistics over the significant pairs."""
-    backend = scorer.backend
-    d = scorer.d
-    half = half_grid_shape(d)
-    n_classes = model.references.shape[0]
-    stats = SufficientStatistics.zeros(n_classes, half)
-    stats.n_observed = float(np.sum(chunk.n_observed))
-    stats.n_particles = len(chunk)
-    n_groups = len(settings.masks)
-    shift_sq = np.sum(search.shifts.astype(np.float64) ** 2, axis=1)
+def _accumulate_block(chunk, model, search, settings, first, kept, log_norm, transforms):
+    """Second pass over one orientation block: its share of the sufficient statistics.
 
-    for block in blocks:
-        block_kept = kept[:, :, block]
-        if not block_kept.any():
-            continue
-        rotated = block_transforms(block)
-        power = scorer.masked_power(rotated)
-        sums = np.zeros((n_classes, len(block), *half), dtype=np.complex128)
-        mass = np.zeros((n_groups, n_classes, len(block)))
-        for k in range(n_classes):
-            particles, local = np.nonzero(block_kept[:, k, :])
-            for batch in _batches(len(particles), scorer.batch):
-                p, r = particles[batch], local[batch]
-                score, residual = scorer.scores(k, p, rotated[k, r], power[chunk.group[p], k, r])
-                gamma = np.exp(score - log_norm[p, None])
-                pair_mass = gamma.sum(axis=1)
-                stats.class_sums[k] += pair_mass.sum()
-                stats.residual_sum += float(np.sum(gamma * residual))
-                stats.shift_sum += float(np.sum(gamma @ shift_sq))
-                np.add.at(mass, (chunk.group[p], k, r), pair_mass)
-                sums[k] += _shift_back_sums(gamma, p, r, len(block), chunk, scorer, backend)
-        _rotate_back(stats, sums, mass, search.rotations[block], settings, backend, d)
-    return stats
-
-
-def _shift_back_sums(gamma, particles, local, n_block, chunk, scorer, backend):
-    """``sum_j sum_t gamma_j(t) S_t^-1 (w X)_j`` grouped by orientation in the block.
-
-    ``sum_t gamma(t) exp(+2 pi i q.t / D)`` is ``D^1.5 conj(rfftn(g))`` for the real
-    map g holding gamma at the shift positions.
+    Pairs are visited orientation by orientation, so the particle-frame sums of each
+    orientation are contiguous runs, added once and rotated back once.
     """
-    d = scorer.d
-    grid = np.zeros((len(particles), d**3), dtype=np.float32)
-    grid[:, scorer.flat_shift] = gamma * scorer.scale
-    weighted = np.conj(backend.rfftn(grid.reshape(-1, d, d, d)))
-    weighted *= chunk.data[particles]
-    # Sum the pairs of each orientation: sort by orientation, add contiguous runs.
-    order = np.argsort(local, kind="stable")
-    present, starts = np.unique(local[order], return_index=True)
-    sums = np.zeros((n_block, *chunk.data.shape[1:]), dtype=np.complex128)
-    sums[present] = np.add.reduceat(weighted[order], starts, axis=0, dtype=np.complex128)
-    return sums
+    scorer = _Scorer(chunk, model, search, settings)
+    d, block = scorer.d, first.block
+    n_classes = model.references.shape[0]
+    stats = SufficientStatistics.zeros(n_classes, half_grid_shape(d))
+    if not kept.any():
+        return stats
+    rotated = power = None
+    if first.relative is None:
+        rotated = _block_transforms(model, search, settings, transforms, block)
+        power = scorer.masked_power(rotated)
+    sums = np.zeros((n_classes, len(block), *half_grid_shape(d)), dtype=np.complex128)
+    mass = np.zeros((len(settings.masks), n_classes, len(block)))
+    shift_sq = np.sum(search.shifts.astype(np.float64) ** 2, axis=1)
+    for k in range(n_classes):
+        local, particles = np.nonzero(kept[:, k, :].T)
+        for batch in _batches(len(particles), scorer.batch):
+            p, r = particles[batch], local[batch]
+            if first.relative is None:
+                cross = scorer.shift_sums.cross(chunk.data[p] * np.conj(rotated[k, r]))
+                score, residual = scorer.scores(k, p, cross, power[chunk.group[p], k, r])
+            else:
+                score = first.relative[p, k, r] + first.pair_max[p, k, r][:, None]
+                residual = scorer.residuals(k, p, score)
+            gamma = np.exp(score - log_norm[p, None])
+            pair_mass = gamma.sum(axis=1)
+            stats.class_sums[k] += pair_mass.sum()
+            stats.residual_sum += float(np.sum(gamma * residual))
+            stats.shift_sum += float(np.sum(gamma @ shift_sq))
+            np.add.at(mass, (chunk.group[p], k, r), pair_mass)
+            weighted = scorer.shift_sums.spread(gamma)
+            weighted *= chunk.data[p]
+            present, starts = np.unique(r, return_index=True)
+            # Slice sums: numpy's reduceat is several times slower on complex data.
+            for ri, lo, hi in zip(present, starts, [*starts[1:], len(r)], strict=True):
+                sums[k, ri] += weighted[lo:hi].sum(axis=0)
+    _rotate_back(stats, sums, mass, search.rotations[block], settings, scorer.backend, d)
+    return stats
 
 
 def _rotate_back(stats, sums, mass, rotations, settings, backend, d):

@@ -23,7 +23,7 @@ __all__ = [
     "uncentre_from_fft",
 ]
 
-# Coordinates closer than this to a grid point snap onto it, so that rotations
+# Matrix entries closer than this to an integer snap onto it, so that rotations
 # mapping the grid onto itself (the 24 of the cube) are exact despite round-off.
 _SNAP = 1e-6
 
@@ -67,8 +67,8 @@ def rotate_volume(volume: np.ndarray, matrix: np.ndarray, order: int = 1) -> np.
     matrix : ndarray of shape (3, 3)
         Acts on ``(x, y, z)``; the output is ``V(R^T (r - c) + c)``.
     order : int, default=1
-        Spline order of the interpolation (1 is trilinear). Samples falling on grid
-        points are exact for every order, so the 24 rotations of the cube are exact.
+        Spline order of the interpolation (1 is trilinear). Matrices whose entries
+        are integers (the 24 rotations of the cube) move voxels exactly, for every order.
 
     Returns
     -------
@@ -76,23 +76,17 @@ def rotate_volume(volume: np.ndarray, matrix: np.ndarray, order: int = 1) -> np.
     """
     volume = np.asarray(volume)
     d = volume.shape[-1]
-    coords = _source_coordinates(d, np.asarray(matrix, dtype=np.float64))
-    out = ndimage.map_coordinates(
-        volume, coords, order=order, mode="grid-wrap", prefilter=order > 1
+    # affine_transform samples input[M o + offset] at output index o = (z, y, x):
+    # M is R^T with the axes reversed, and the centre stays fixed.
+    m = np.asarray(matrix, dtype=np.float64).T[::-1, ::-1]
+    nearest = np.rint(m)
+    m = np.where(np.abs(m - nearest) < _SNAP, nearest, m)
+    c = float(d // 2)
+    out = ndimage.affine_transform(
+        volume, m, offset=c - m.sum(axis=1) * c, order=order, mode="grid-wrap",
+        prefilter=order > 1,
     )
-    return out.reshape(volume.shape).astype(volume.dtype, copy=False)
-
-
-def _source_coordinates(d: int, matrix: np.ndarray) -> np.ndarray:
-    """Index coordinates ``[z, y, x]`` at which ``rotate_volume`` samples its input."""
-    c = d // 2
-    axis = np.arange(d, dtype=np.float64) - c
-    z, y, x = np.meshgrid(axis, axis, axis, indexing="ij")
-    xyz = np.stack([x.ravel(), y.ravel(), z.ravel()])
-    src = matrix.T @ xyz + c
-    nearest = np.rint(src)
-    src = np.where(np.abs(src - nearest) < _SNAP, nearest, src)
-    return src[::-1]
+    return out.astype(volume.dtype, copy=False)
 
 
 def shift_volume(volume: np.ndarray, shift) -> np.ndarray:
