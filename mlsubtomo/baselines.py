@@ -44,8 +44,11 @@ class ConstrainedCCClassifier(_SubtomogramClassifier):
     align : bool, default=True
     local_search : float, default=None
     max_iter : int, default=40
-    tol : float, default=0.0
-        Stop when at most this fraction of the particles changed class.
+        Number of iterations at most (exactly, with ``tol=None``).
+    tol : float or None, default=0.0
+        Stop when at most this fraction of the particles changed class in an
+        iteration (0: when none did). None never stops early: all ``max_iter``
+        iterations run, as when comparing with an ML run of as many iterations.
     interpolation_order : int, default=1
     fft_backend : {"pyfftw", "scipy"}, default="pyfftw"
     n_jobs : int, default=None
@@ -53,6 +56,14 @@ class ConstrainedCCClassifier(_SubtomogramClassifier):
         As in :class:`MissingDataMLClassifier`.
     random_state : int, RandomState or None, default=None
     verbose : int, default=0
+    checkpoint_path : str or path, default=None
+        After every iteration, write the state of the run to this file (atomically:
+        a half-written checkpoint never replaces a complete one).
+    resume : bool, default=False
+        If ``checkpoint_path`` exists, continue the run it holds from its last
+        complete iteration; the result equals that of an uninterrupted run. The
+        checkpoint must come from the same data and hyper-parameters (``max_iter``,
+        ``tol``, ``n_jobs``, ``verbose`` and the checkpoint options may differ).
 
     Attributes
     ----------
@@ -92,6 +103,8 @@ class ConstrainedCCClassifier(_SubtomogramClassifier):
         memory_budget=4.0,
         random_state=None,
         verbose=0,
+        checkpoint_path=None,
+        resume=False,
     ):
         self.n_classes = n_classes
         self.angular_step = angular_step
@@ -113,10 +126,15 @@ class ConstrainedCCClassifier(_SubtomogramClassifier):
         self.memory_budget = memory_budget
         self.random_state = random_state
         self.verbose = verbose
+        self.checkpoint_path = checkpoint_path
+        self.resume = resume
+
+    _MODEL_STATE = ("_references_hat", "_references_real", "references_", "class_weights_")
 
     def _check_parameters(self, n_particles, box_size):
         self._check_common(n_particles, box_size)
-        _check_real(self, "tol", 0.0, 1.0)
+        if self.tol is not None:
+            _check_real(self, "tol", 0.0, 1.0)
 
     def fit(self, X, y=None, *, masks=None, init_rotations=None, init_shifts=None):
         """Align and classify by iterated hard assignment and weighted averaging.
@@ -140,19 +158,26 @@ class ConstrainedCCClassifier(_SubtomogramClassifier):
         self._set_references(
             self._initial_references(data, settings, rng)
         )
+        self.class_weights_ = np.full(k, 1.0 / k)
         schedule = check_schedule(self.regularization)
         grid = self._orientation_grid()
-        current_rotations = init_rotations
-        self.correlation_history_ = []
-        self.converged_ = False
-        self.n_iter_ = 0
-        previous_labels = None
-        for iteration in range(self.max_iter):
+        run = {
+            "iteration": 0,
+            "history": [],
+            "labels": None,
+            "rotations": init_rotations,
+            "converged": False,
+        }
+        fingerprint, run = self._resume_run(data, settings, init_rotations, init_shifts, rng, run)
+        self.correlation_history_ = run["history"]
+        self.converged_ = run["converged"]
+        self.n_iter_ = run["iteration"]
+        for iteration in range(run["iteration"], self.max_iter) if not self.converged_ else ():
             start = time.perf_counter()
             result = self._search(data, settings, self._iteration_rotations(grid, rng),
-                                  current_rotations)
+                                  run["rotations"])
             if self.local_search is not None:
-                current_rotations = result.rotations
+                run["rotations"] = result.rotations
             stats = kernel.hard_statistics(
                 data, result.best_class, result.rotations, result.best_shift, k, settings
             )
@@ -165,8 +190,8 @@ class ConstrainedCCClassifier(_SubtomogramClassifier):
             self.correlation_history_.append(float(np.mean(result.max_posterior)))
             self.n_iter_ = iteration + 1
             changed = (
-                1.0 if previous_labels is None
-                else float(np.mean(previous_labels != result.best_class))
+                1.0 if run["labels"] is None
+                else float(np.mean(run["labels"] != result.best_class))
             )
             _log(
                 f"iteration {iteration + 1}: mean correlation "
@@ -175,14 +200,14 @@ class ConstrainedCCClassifier(_SubtomogramClassifier):
                 f"{changed:.3f}, {time.perf_counter() - start:.1f} s",
                 self.verbose,
             )
-            previous_labels = result.best_class
-            if iteration > 0 and changed <= self.tol:
-                self.converged_ = True
+            run["labels"] = result.best_class
+            self.converged_ = self.tol is not None and iteration > 0 and changed <= self.tol
+            run.update(iteration=iteration + 1, converged=self.converged_)
+            self._save_checkpoint(fingerprint, rng, run)
+            if self.converged_:
                 break
-        if self.n_iter_ == 0:
-            self.class_weights_ = np.full(k, 1.0 / k)
 
-        result = self._search(data, settings, grid, current_rotations)
+        result = self._search(data, settings, grid, run["rotations"])
         self.correlation_history_.append(float(np.mean(result.max_posterior)))
         self.labels_ = result.best_class
         self._store_pose(result, base_shifts)

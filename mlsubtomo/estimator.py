@@ -42,8 +42,10 @@ class _SubtomogramClassifier(BaseEstimator):
     """What the ML estimator and the cross-correlation baseline share.
 
     Input checks, masks, orientation sets, the paper's initial references, running
-    the kernel over particle chunks with joblib, and storing per-particle poses.
-    Subclasses set their hyper-parameters and implement the iteration.
+    the kernel over particle chunks with joblib, storing per-particle poses, and
+    checkpoints. Subclasses set their hyper-parameters (``checkpoint_path`` and
+    ``resume`` among them), name in ``_MODEL_STATE`` the fitted attributes a
+    checkpoint holds, and implement the iteration.
     """
 
     def _check_common(self, n_particles: int, box_size: int) -> None:
@@ -65,7 +67,6 @@ class _SubtomogramClassifier(BaseEstimator):
         if self.local_search is not None:
             _check_real(self, "local_search", 0.0, 180.0, low_open=True)
         _check_integer(self, "max_iter", 0)
-        _check_real(self, "tol", 0.0)
         _check_real(self, "memory_budget", 0.0, low_open=True)
         _check_integer(self, "interpolation_order", 0)
         if self.interpolation_order > 5:
@@ -251,6 +252,73 @@ class _SubtomogramClassifier(BaseEstimator):
             shifts = shifts + base_shifts
         self.shifts_ = shifts
         self.euler_angles_ = euler_from_matrix(self.rotations_)
+
+    # Hyper-parameters that may change between an interrupted run and its resumption.
+    _RESUMABLE = (
+        "max_iter", "tol", "n_jobs", "memory_budget", "verbose", "checkpoint_path", "resume"
+    )
+
+    def _resume_run(self, data, settings, init_rotations, init_shifts, rng, run):
+        """The inputs' fingerprint, and the run to go on with: the checkpoint's, or ``run``.
+
+        With ``resume`` and an existing checkpoint, the model state of ``_MODEL_STATE``
+        and the random state are restored from it.
+        """
+        fingerprint = _fingerprint(
+            data.data, data.group, repr(settings.masks), init_rotations, init_shifts
+        )
+        if self.resume and self.checkpoint_path is not None:
+            run = self._load_checkpoint(fingerprint, rng, run)
+        return fingerprint, run
+
+    def _save_checkpoint(self, fingerprint, rng, run):
+        if self.checkpoint_path is None:
+            return
+        state = {
+            "fingerprint": fingerprint,
+            "params": self._fixed_params(),
+            "model": {name: getattr(self, name) for name in self._MODEL_STATE},
+            "rng": rng.get_state(),
+            "run": run,
+        }
+        path = Path(self.checkpoint_path)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                pickle.dump(state, f, protocol=pickle.HIGHEST_PROTOCOL)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+    def _load_checkpoint(self, fingerprint, rng, run):
+        path = Path(self.checkpoint_path)
+        if not path.exists():
+            return run
+        try:
+            with open(path, "rb") as f:
+                state = pickle.load(f)
+        except Exception as exc:
+            raise ValueError(f"checkpoint {path} cannot be read: {exc}") from exc
+        if state.get("fingerprint") != fingerprint:
+            raise ValueError(f"checkpoint {path} was made from different data or masks")
+        changed = sorted(
+            name
+            for name, value in self._fixed_params().items()
+            if repr(state["params"].get(name)) != repr(value)
+        )
+        if changed:
+            raise ValueError(
+                f"checkpoint {path} was made with different hyper-parameters: "
+                f"{', '.join(changed)}"
+            )
+        for name, value in state["model"].items():
+            setattr(self, name, value)
+        rng.set_state(state["rng"])
+        return state["run"]
+
+    def _fixed_params(self):
+        return {k: v for k, v in self.get_params().items() if k not in self._RESUMABLE}
 
 
 class MissingDataMLClassifier(DensityMixin, _SubtomogramClassifier):
@@ -453,6 +521,7 @@ class MissingDataMLClassifier(DensityMixin, _SubtomogramClassifier):
         if self.init_sigma is not None:
             _check_real(self, "init_sigma", 0.0, low_open=True)
         _check_real(self, "init_xi", 0.0)
+        _check_real(self, "tol", 0.0)
         _check_real(self, "pruning_threshold", 0.0, 1.0)
 
     # ------------------------------------------------------------------ fitting
@@ -500,11 +569,7 @@ class MissingDataMLClassifier(DensityMixin, _SubtomogramClassifier):
             "rotations": init_rotations,
             "converged": False,
         }
-        fingerprint = _fingerprint(
-            data.data, data.group, repr(settings.masks), init_rotations, init_shifts
-        )
-        if self.resume and self.checkpoint_path is not None:
-            run = self._load_checkpoint(fingerprint, rng, run)
+        fingerprint, run = self._resume_run(data, settings, init_rotations, init_shifts, rng, run)
         self.log_likelihood_history_ = run["history"]
         self.sigma_history_ = run["sigma_history"]
         self.class_weights_history_ = run["weights_history"]
@@ -561,60 +626,6 @@ class MissingDataMLClassifier(DensityMixin, _SubtomogramClassifier):
     _MODEL_STATE = (
         "_references_hat", "_references_real", "references_", "class_weights_", "sigma_", "xi_"
     )
-    # Hyper-parameters that may change between an interrupted run and its resumption.
-    _RESUMABLE = (
-        "max_iter", "tol", "n_jobs", "memory_budget", "verbose", "checkpoint_path", "resume"
-    )
-
-    def _save_checkpoint(self, fingerprint, rng, run):
-        if self.checkpoint_path is None:
-            return
-        state = {
-            "fingerprint": fingerprint,
-            "params": self._fixed_params(),
-            "model": {name: getattr(self, name) for name in self._MODEL_STATE},
-            "rng": rng.get_state(),
-            "run": run,
-        }
-        path = Path(self.checkpoint_path)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                pickle.dump(state, f, protocol=pickle.HIGHEST_PROTOCOL)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-
-    def _load_checkpoint(self, fingerprint, rng, run):
-        path = Path(self.checkpoint_path)
-        if not path.exists():
-            return run
-        try:
-            with open(path, "rb") as f:
-                state = pickle.load(f)
-        except Exception as exc:
-            raise ValueError(f"checkpoint {path} cannot be read: {exc}") from exc
-        if state.get("fingerprint") != fingerprint:
-            raise ValueError(f"checkpoint {path} was made from different data or masks")
-        changed = sorted(
-            name
-            for name, value in self._fixed_params().items()
-            if repr(state["params"].get(name)) != repr(value)
-        )
-        if changed:
-            raise ValueError(
-                f"checkpoint {path} was made with different hyper-parameters: "
-                f"{', '.join(changed)}"
-            )
-        for name, value in state["model"].items():
-            setattr(self, name, value)
-        rng.set_state(state["rng"])
-        return state["run"]
-
-    def _fixed_params(self):
-        return {k: v for k, v in self.get_params().items() if k not in self._RESUMABLE}
-
     def _model(self):
         with np.errstate(divide="ignore"):
             log_weights = np.log(self.class_weights_)
