@@ -208,9 +208,9 @@ PRESETS = {
         theta_steps=5,
         snrs=(0.02, 0.03, 0.05, 0.1),
         marginal_snr=0.03,
-        n_runs=2,
-        n_runs_marginal=2,
-        n_runs_k1=1,
+        n_runs=3,
+        n_runs_marginal=3,
+        n_runs_k1=2,
         notes=[
             "box 20 at 13 A/voxel: the atomic models (radius about 115 A) must fit, and "
             "the resolution is 26 A (Nyquist) instead of 25 A",
@@ -219,8 +219,7 @@ PRESETS = {
             "(SNRs 0.02, 0.05, 0.1) gave ML mean purities 0.60, 0.96, 0.99, so the marginal "
             "SNR of panels B-D (the paper's 'limit of the amount of noise ML can handle', "
             "0.007 there) is 0.03 here",
-            "to fit in 30 minutes on 2 cores: 2 runs per SNR in panels A-E, 1 in panel F "
-            "(one ML fit took 60-120 s, one CC fit 15-45 s, on a shared machine)",
+            "to fit in 30 minutes on 2 cores: 3 runs per SNR in panels A-E, 2 in panel F",
         ],
     ),
     "paper": Preset(

@@ -52,7 +52,7 @@ class ConstrainedCCClassifier(_SubtomogramClassifier):
     interpolation_order : int, default=1
     fft_backend : {"pyfftw", "scipy"}, default="pyfftw"
     n_jobs : int, default=None
-    memory_budget : float, default=4.0
+    memory_budget : float, default=2.0
         As in :class:`MissingDataMLClassifier`.
     random_state : int, RandomState or None, default=None
     verbose : int, default=0
@@ -100,7 +100,7 @@ class ConstrainedCCClassifier(_SubtomogramClassifier):
         interpolation_order=1,
         fft_backend="pyfftw",
         n_jobs=None,
-        memory_budget=4.0,
+        memory_budget=2.0,
         random_state=None,
         verbose=0,
         checkpoint_path=None,

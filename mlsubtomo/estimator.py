@@ -391,7 +391,7 @@ class MissingDataMLClassifier(DensityMixin, _SubtomogramClassifier):
     n_jobs : int, default=None
         Orientation blocks scored at once (joblib threads, or the backend set with
         ``joblib.parallel_config``, e.g. Dask); -1 uses all cores.
-    memory_budget : float, default=4.0
+    memory_budget : float, default=2.0
         GiB the E-step's working set may use: particles are processed in chunks
         sized from it, and scores are kept between the two passes when they fit.
     random_state : int, RandomState or None, default=None
@@ -471,7 +471,7 @@ class MissingDataMLClassifier(DensityMixin, _SubtomogramClassifier):
         interpolation_order=1,
         fft_backend="pyfftw",
         n_jobs=None,
-        memory_budget=4.0,
+        memory_budget=2.0,
         random_state=None,
         verbose=0,
         warm_start=False,

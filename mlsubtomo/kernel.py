@@ -272,17 +272,27 @@ def prepare_particles(
     -------
     ParticleChunk
     """
-    d = volumes.shape[-1]
+    d, n = volumes.shape[-1], volumes.shape[0]
     backend = FFTBackend(settings.fft_backend, settings.threads)
     multiplicity = hermitian_multiplicity(d)
-    if base_shifts is not None:
-        pairs = zip(volumes, base_shifts, strict=True)
-        volumes = np.stack([shift_volume(v, -t) for v, t in pairs])
-    data = backend.rfftn(centre_for_fft(volumes))
-    data *= settings.mask_arrays[group]
-    power = np.einsum("nzyx,x->n", np.abs(data).astype(np.float64) ** 2, multiplicity)
+    group = np.asarray(group)
+    data = np.empty((n, *half_grid_shape(d)), dtype=np.complex64)
+    power = np.empty(n)
+    # Slices of particles, so that the temporaries never approach the size of the data.
+    step = max(1, _PAIR_BATCH_BYTES * 16 // (4 * d**3))
+    for s in range(0, n, step):
+        part = np.asarray(volumes[s : s + step], dtype=np.float32)
+        if base_shifts is not None:
+            pairs = zip(part, base_shifts[s : s + step], strict=True)
+            part = np.stack([shift_volume(v, -t) for v, t in pairs])
+        block = data[s : s + step]
+        block[...] = backend.rfftn(centre_for_fft(part))
+        block *= settings.mask_arrays[group[s : s + step]]
+        power[s : s + step] = np.einsum(
+            "nzyx,x->n", np.abs(block).astype(np.float64) ** 2, multiplicity
+        )
     counts = np.einsum("gzyx,x->g", settings.mask_arrays.astype(np.float64), multiplicity)
-    return ParticleChunk(data, power, counts[group], np.asarray(group))
+    return ParticleChunk(data, power, counts[group], group)
 
 
 def band_weights(box_size: int, max_resolution: float | None) -> np.ndarray:
