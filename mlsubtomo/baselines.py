@@ -72,7 +72,8 @@ class ConstrainedCCClassifier(_SubtomogramClassifier):
         Fraction of the particles in each class.
     labels_ : ndarray of shape (N,)
     rotations_, shifts_, euler_angles_ :
-        Pose of each particle's best match, as in :class:`MissingDataMLClassifier`.
+        Pose of each particle's best match, as in
+        :class:`~mlsubtomo.estimator.MissingDataMLClassifier`.
     max_correlation_ : ndarray of shape (N,)
     correlation_history_ : list of float
         Mean best correlation in each iteration (last entry: the fitted model).
@@ -139,7 +140,7 @@ class ConstrainedCCClassifier(_SubtomogramClassifier):
     def fit(self, X, y=None, *, masks=None, init_rotations=None, init_shifts=None):
         """Align and classify by iterated hard assignment and weighted averaging.
 
-        Parameters are those of :meth:`MissingDataMLClassifier.fit`.
+        Parameters are those of :meth:`~mlsubtomo.estimator.MissingDataMLClassifier.fit`.
 
         Returns
         -------

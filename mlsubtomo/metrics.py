@@ -131,7 +131,7 @@ def fsc(map1, map2, voxel_size=1.0) -> tuple[np.ndarray, np.ndarray]:
 
     Shell ``s`` holds the Fourier components whose frequency ``q`` (in Fourier
     pixels, ``numpy.fft.fftfreq`` on every axis) has ``round(|q|) == s``, for
-    ``s = 0, 1, ..., D//2``; the corners beyond ``D//2`` are left out. Per shell,
+    ``s = 0, 1, ..., D//2``; the corners beyond ``D//2`` are left out. Per shell::
 
         FSC(s) = sum Re(F1 conj F2) / sqrt(sum |F1|^2 sum |F2|^2)
 

@@ -142,7 +142,7 @@ def symmetry_group(symmetry="C1") -> Rotation:
     Returns
     -------
     Rotation
-        A stack of |G| rotations, the identity first.
+        A stack of ``|G|`` rotations, the identity first.
 
     Raises
     ------
@@ -293,7 +293,7 @@ def so3_grid(angular_step, symmetry="C1") -> Rotation:
     symmetry : str, default="C1"
         ``"Cn"`` or ``"Dn"`` (see :func:`symmetry_group`). The grid is then one
         asymmetric unit: each coset ``R G`` is represented at most once, and
-        there are about |G| times fewer rotations.
+        there are about ``|G|`` times fewer rotations.
 
     Returns
     -------
