@@ -266,3 +266,23 @@ def test_symmetry_restricts_the_search_and_symmetrises_the_averages(phantoms):
         turned = rotate_volume(ref, g, order=3)
         assert np.linalg.norm(turned - ref) < 0.05 * np.linalg.norm(ref)
     assert _orientation_error(data, est, ["C7"]) < 30
+
+
+def test_dask_cluster_gives_the_serial_result(phantoms):
+    # The kernel's joblib tasks run on the workers of a real two-process cluster.
+    distributed = pytest.importorskip("distributed")
+    from joblib import parallel_config
+
+    data = make_dataset(phantoms, 12, masks=WEDGE, snr=0.2, max_shift=1, random_state=6)
+    params = dict(angular_step=60, max_shift=1, max_iter=2, random_state=0)
+    serial = MissingDataMLClassifier(2, n_jobs=1, **params).fit(data.volumes, masks=WEDGE)
+    with distributed.LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+    ) as cluster, distributed.Client(cluster), parallel_config(backend="dask"):
+        remote = MissingDataMLClassifier(2, n_jobs=2, **params).fit(data.volumes, masks=WEDGE)
+    np.testing.assert_array_equal(remote.labels_, serial.labels_)
+    scale = np.abs(serial.references_).max()
+    np.testing.assert_allclose(remote.references_, serial.references_, atol=1e-5 * scale)
+    np.testing.assert_allclose(
+        remote.log_likelihood_history_, serial.log_likelihood_history_, rtol=1e-6
+    )
