@@ -28,6 +28,7 @@ its transform without a phase ramp.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass, field
 
@@ -49,6 +50,9 @@ __all__ = [
     "SearchSpace",
     "chunk_plan",
     "correlation_search",
+    "crop_ball",
+    "crop_index",
+    "crop_problem",
     "e_step",
     "hard_statistics",
     "band_weights",
@@ -172,6 +176,10 @@ class KernelSettings:
         How the cross terms over the shift window are summed: inverse FFTs of whole
         volumes, or partial DFTs over the cube of shifts only ("auto" picks the
         window when the cube spans at most a quarter of the box).
+    shift_period : int or None
+        Box size whose voxels the shifts count, when the arrays are a Fourier crop
+        of a larger box (:func:`crop_problem`); None: the arrays' own box. Only the
+        partial-DFT window can shift by fractions of the cropped box's voxels.
     """
 
     masks: list
@@ -185,6 +193,7 @@ class KernelSettings:
     n_jobs: int = 1
     keep_scores: bool = True
     shift_method: str = "auto"
+    shift_period: int | None = None
 
 
 @dataclass
@@ -293,6 +302,67 @@ def prepare_particles(
         )
     counts = np.einsum("gzyx,x->g", settings.mask_arrays.astype(np.float64), multiplicity)
     return ParticleChunk(data, power, counts[group], group)
+
+
+def crop_index(box_size: int, crop_size: int) -> tuple:
+    """Index of the half grid of an even ``crop_size`` inside that of ``box_size``.
+
+    ``array[(..., *crop_index(D, d))]`` holds the components of frequency
+    ``|qz|, |qy| < d/2`` and ``qx <= d/2`` in the layout of a box of size d.
+    """
+    half = crop_size // 2
+    side = np.r_[0:half, box_size - half : box_size]
+    return np.ix_(side, side, np.arange(half + 1))
+
+
+def crop_ball(crop_size: int) -> np.ndarray:
+    """Half-grid components of a box of size ``crop_size`` with ``|q| < crop_size / 2``."""
+    qx, qy, qz = frequency_grid(crop_size)
+    return qx**2 + qy**2 + qz**2 < (crop_size / 2) ** 2
+
+
+class _CroppedMask:
+    """A mask of the full box seen through a Fourier crop (:func:`crop_problem`)."""
+
+    def __init__(self, mask, box_size, crop_size, max_resolution):
+        self.mask = mask
+        self.index = crop_index(box_size, crop_size)
+        self.box_size = box_size
+        self.ball = crop_ball(crop_size)
+        self.max_resolution = max_resolution
+
+    def observed(self, box_size, rotation=None, max_resolution=None):
+        full = self.mask.observed(
+            self.box_size, rotation=rotation, max_resolution=self.max_resolution
+        )
+        return full[self.index] & self.ball
+
+
+def crop_problem(chunk: ParticleChunk, settings: KernelSettings, crop_size: int):
+    """The particles and settings of a Fourier crop to an even box ``crop_size``.
+
+    Only the components with ``|q| < crop_size / 2`` are kept, in the layout of a box
+    of that size; the likelihood of those components is exactly that of the full
+    problem restricted to them (the FFTs are orthonormal, so sigma is unchanged),
+    and shifts still count voxels of the full box (``shift_period``).
+
+    Returns
+    -------
+    ParticleChunk, KernelSettings
+    """
+    d = chunk.data.shape[-2]
+    index = crop_index(d, crop_size)
+    ball = crop_ball(crop_size)
+    arrays = settings.mask_arrays[(slice(None), *index)] & ball
+    data = chunk.data[(slice(None), *index)] * ball
+    multiplicity = hermitian_multiplicity(crop_size)
+    power = np.einsum("nzyx,x->n", np.abs(data).astype(np.float64) ** 2, multiplicity)
+    counts = np.einsum("gzyx,x->g", arrays.astype(np.float64), multiplicity)
+    cropped = ParticleChunk(data, power, counts[chunk.group], chunk.group, chunk.candidates)
+    masks = [_CroppedMask(m, d, crop_size, settings.max_resolution) for m in settings.masks]
+    return cropped, dataclasses.replace(
+        settings, masks=masks, mask_arrays=arrays, shift_period=d
+    )
 
 
 def band_weights(box_size: int, max_resolution: float | None) -> np.ndarray:
@@ -454,18 +524,20 @@ class _WindowShifts:
     dense pass; for small cubes this is well under the cost of one FFT.
     """
 
-    def __init__(self, box_size, max_shift):
+    def __init__(self, box_size, max_shift, period=None):
         d = box_size
+        period = d if period is None else period
         t = np.arange(-max_shift, max_shift + 1)
         full = np.fft.fftfreq(d, 1.0 / d)
         half = np.arange(d // 2 + 1)
         self.d, self.n, self.h = d, len(t), d // 2 + 1
-        self.full_out = np.exp(2j * np.pi * np.outer(t, full) / d).astype(np.complex64)
+        phase = 2j * np.pi / period
+        self.full_out = np.exp(phase * np.outer(t, full)).astype(np.complex64)
         self.full_in = np.ascontiguousarray(self.full_out.T)
         # Columns with a Hermitian partner that the half grid omits count twice.
-        half_out = np.exp(2j * np.pi * np.outer(half, t) / d)
+        half_out = np.exp(phase * np.outer(half, t))
         self.half_out = (half_out * hermitian_multiplicity(d)[:, None]).astype(np.complex64)
-        self.half_in = np.exp(2j * np.pi * np.outer(t, half) / d).astype(np.complex64)
+        self.half_in = np.exp(phase * np.outer(t, half)).astype(np.complex64)
 
     def cross(self, products):
         p, d, n, h = len(products), self.d, self.n, self.h
@@ -482,17 +554,22 @@ class _WindowShifts:
         return g.reshape(p, d, d, h)
 
 
-def _shift_sums(box_size, shifts, backend, method):
+def _shift_sums(box_size, shifts, backend, method, period=None):
     """The shift transform for ``method`` ("auto", "fft" or "window")."""
     limit = int(np.max(np.abs(shifts))) if len(shifts) else 0
     cube = len(shifts) == (2 * limit + 1) ** 3 and np.array_equal(
         shifts, shift_window(limit, 0.0)[0]
     )
-    if method == "window" and not cube:
-        raise ValueError("shift_method='window' needs the full cube of shifts of shift_window")
+    cropped = period is not None and period != box_size
+    if (method == "window" or cropped) and not cube:
+        raise ValueError("the partial-DFT window needs the full cube of shifts of shift_window")
+    if cropped and method == "fft":
+        raise ValueError("a cropped box (shift_period) needs shift_method 'auto' or 'window'")
     # The window pays n / D of a dense pass per axis; an FFT about log2(D^3) / 4 of one.
-    if method == "window" or (method == "auto" and cube and 4 * (2 * limit + 1) <= box_size):
-        return _WindowShifts(box_size, limit)
+    if method == "window" or cropped or (
+        method == "auto" and cube and 4 * (2 * limit + 1) <= box_size
+    ):
+        return _WindowShifts(box_size, limit, period)
     return _FourierShifts(box_size, shifts, backend)
 
 
@@ -505,7 +582,9 @@ class _Scorer:
         self.chunk = chunk
         self.model = model
         self.backend = FFTBackend(settings.fft_backend, settings.threads)
-        self.shift_sums = _shift_sums(d, search.shifts, self.backend, settings.shift_method)
+        self.shift_sums = _shift_sums(
+            d, search.shifts, self.backend, settings.shift_method, settings.shift_period
+        )
         self.inv_two_var = 1.0 / (2.0 * model.sigma**2)
         self.log_shift_prior = search.log_shift_prior
         self.finite_shift_prior = np.where(
