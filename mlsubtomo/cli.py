@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 import time
 from pathlib import Path
@@ -11,6 +12,9 @@ from pathlib import Path
 import numpy as np
 
 __all__ = ["main"]
+
+# The STAR and MRC files fit writes into its output folder: those an input could be.
+_FIT_OUTPUTS = re.compile(r"particles\.star|class_\d+\.mrc")
 
 
 class UserError(Exception):
@@ -24,7 +28,10 @@ def _prepare_output(path: Path, overwrite: bool, resume: bool = False) -> Path:
         raise UserError(
             f"output folder {path} exists and is not empty; use --overwrite (or --resume)"
         )
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # e.g. a parent is a file, or no permission
+        raise UserError(f"cannot create output folder {path}: {exc.strerror}") from None
     return path
 
 
@@ -81,6 +88,15 @@ def _fit(args) -> int:
     inputs += [Path(f).resolve() for f in particles.files]
     if out.resolve() in inputs:
         raise UserError(f"output folder {out} is an input file")
+    # write_particles refuses to replace an input too, but only after the whole fit.
+    clashes = [
+        p.name for p in inputs if p.parent == out.resolve() and _FIT_OUTPUTS.fullmatch(p.name)
+    ]
+    if clashes:
+        raise UserError(
+            f"output folder {out} holds input file {clashes[0]}, which fit would replace; "
+            "choose another folder"
+        )
     out = _prepare_output(out, args.overwrite, args.resume)
     if args.wedge is not None:
         masks = _wedge(args.wedge)

@@ -11,6 +11,7 @@ import os
 import pickle
 import tempfile
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +37,14 @@ _MISSING_DATA = ("impute", "weighted_average")
 # sigma never falls below this fraction of the data's RMS per observed component, so
 # that noise-free data give large but finite scores instead of a division by zero.
 _SIGMA_FLOOR = 1e-5
+# Accepted range of max |X|. The float32 kernel gave the same labels and references
+# for unit-variance data scaled by 1e-18 to 1e18 (D = 8 and 16), not at 1e-22
+# (squares underflow) or 1e20 (products overflow); sums over D^3 voxels narrow that
+# window in large boxes, hence the margin.
+_DATA_RANGE = (1e-12, 1e12)
+# Orthonormality error tolerated in given rotation matrices: float32 or printed
+# matrices are off by about 1e-7 to 1e-6; anything beyond is not a rotation.
+_ROTATION_TOL = 1e-4
 
 
 class _SubtomogramClassifier(BaseEstimator):
@@ -79,6 +88,8 @@ class _SubtomogramClassifier(BaseEstimator):
             )
         check_schedule(self.regularization)
         symmetry_group(self.symmetry)
+        if self.init_references is not None:
+            _check_references(self.init_references, self.n_classes, box_size)
 
     def _prepare_fit(self, X, masks, init_rotations, init_shifts):
         """Validated inputs and prepared particles for ``fit``."""
@@ -203,14 +214,9 @@ class _SubtomogramClassifier(BaseEstimator):
 
     def _initial_references(self, data, settings, rng):
         """Given references, or the paper's weighted averages of random subsets."""
-        n, d, k = len(data), self._box_size, self.n_classes
-        if self.init_references is not None:
+        n, k = len(data), self.n_classes
+        if self.init_references is not None:  # validated by _check_common
             refs = np.asarray(self.init_references, dtype=np.float64)
-            if refs.shape != (k, d, d, d) or not np.all(np.isfinite(refs)):
-                raise ValueError(
-                    f"init_references must be finite with shape {(k, d, d, d)}, got "
-                    f"{refs.shape}"
-                )
             return kernel.to_fourier(refs, self.fft_backend)
         # K random subsets, each particle in a random orientation, even when orientations
         # are given: a particle averaged in its own orientation matches its own
@@ -524,6 +530,17 @@ class MissingDataMLClassifier(DensityMixin, _SubtomogramClassifier):
         _check_real(self, "tol", 0.0)
         _check_real(self, "pruning_threshold", 0.0, 1.0)
 
+    def _prepare_fit(self, X, masks, init_rotations, init_shifts):
+        prepared = super()._prepare_fit(X, masks, init_rotations, init_shifts)
+        if self._data_rms == 0:
+            # sigma starts at (and is floored relative to) this RMS: zero would divide
+            # by zero in the first E-step.
+            raise ValueError(
+                "X has no signal in the Fourier components the masks observe (e.g. "
+                "all particles blank or constant): sigma cannot be estimated"
+            )
+        return prepared
+
     # ------------------------------------------------------------------ fitting
     def fit(self, X, y=None, *, masks=None, init_rotations=None, init_shifts=None):
         """Estimate the model by expectation-maximisation.
@@ -770,7 +787,15 @@ def _check_volumes(X) -> np.ndarray:
     if scipy.sparse.issparse(X):
         raise TypeError("sparse input is not supported: X must be a dense (N, D, D, D) array")
     if isinstance(X, list | tuple):
-        X = np.stack([np.asarray(v) for v in X]) if len(X) else np.empty((0,))
+        volumes = [np.asarray(v) for v in X]
+        shapes = [v.shape for v in volumes]
+        if len(set(shapes)) > 1:
+            first = next(i for i, shape in enumerate(shapes) if shape != shapes[0])
+            raise ValueError(
+                f"X must be volumes of one shape: particle 0 has shape {shapes[0]}, "
+                f"particle {first} has {shapes[first]}"
+            )
+        X = np.stack(volumes) if volumes else np.empty((0,))
     X = np.asarray(X)
     if np.iscomplexobj(X):
         raise ValueError("Complex data not supported: X must hold real numbers")
@@ -787,23 +812,52 @@ def _check_volumes(X) -> np.ndarray:
         raise ValueError(f"volumes must be cubic boxes, got non-cubic shape {X.shape[1:]}")
     if X.shape[0] < 1 or X.shape[1] < 2:
         raise ValueError(f"X must hold at least one volume of side >= 2, got shape {X.shape}")
-    X = np.ascontiguousarray(X, dtype=np.float32)
+    # Checked in the given dtype: float64 beyond the float32 range would turn into inf.
     if not np.all(np.isfinite(X)):
         bad = np.unique(np.nonzero(~np.isfinite(X))[0])
         raise ValueError(
             f"X contains NaN or infinite values in {len(bad)} particle(s), first index {bad[0]}"
         )
-    return X
+    largest = max(abs(float(X.min())), abs(float(X.max())))
+    # All-zero data pass: the CC baseline scores them 0, the ML estimator refuses them.
+    if largest > 0 and not _DATA_RANGE[0] <= largest <= _DATA_RANGE[1]:
+        raise ValueError(
+            f"X has largest magnitude {largest:.3g}, outside [{_DATA_RANGE[0]:g}, "
+            f"{_DATA_RANGE[1]:g}] where the float32 computation stays accurate; rescale "
+            "the particles, e.g. with mlsubtomo.preprocessing.ParticleNormalizer"
+        )
+    return np.ascontiguousarray(X, dtype=np.float32)
+
+
+def _check_references(references, n_classes, box_size):
+    """Raise unless ``references`` are K finite real volumes of the data's box size."""
+    expected = (n_classes, box_size, box_size, box_size)
+    try:
+        refs = np.asarray(references)
+    except ValueError as exc:  # ragged nested sequences
+        raise ValueError(f"init_references must be an array of shape {expected}: {exc}") from None
+    if refs.dtype == object or not (
+        np.issubdtype(refs.dtype, np.floating) or np.issubdtype(refs.dtype, np.integer)
+    ):
+        raise ValueError(f"init_references must hold real numbers, got dtype {refs.dtype}")
+    if refs.shape != expected:
+        raise ValueError(
+            f"init_references must have shape (n_classes, D, D, D) = {expected}, got "
+            f"{refs.shape}"
+        )
+    if not np.all(np.isfinite(refs)):
+        raise ValueError("init_references contains NaN or infinite values")
 
 
 def _group_masks(masks, n, d):
     """Distinct masks and the index of each particle's mask among them."""
+    half = (d, d, d // 2 + 1)
     if masks is None:
         return [FullData()], np.zeros(n, dtype=np.int64)
     if isinstance(masks, Mask):
+        _check_mask_box(masks, d, "masks")
         return [masks], np.zeros(n, dtype=np.int64)
     if isinstance(masks, np.ndarray) and masks.dtype != object:
-        half = (d, d, d // 2 + 1)
         if masks.shape == half:
             return [ArrayMask(masks)], np.zeros(n, dtype=np.int64)
         if masks.shape != (n, *half):
@@ -821,13 +875,26 @@ def _group_masks(masks, n, d):
                 distinct.append(ArrayMask(m))
             group[i] = keys[key]
         return distinct, group
+    if isinstance(masks, str | bytes) or not isinstance(masks, Iterable):
+        # list() would split a string into characters and report a count mismatch.
+        raise TypeError(
+            f"masks must be a Mask, one mask per particle, or a boolean array of shape "
+            f"{half} or {(n, *half)}; got {type(masks).__name__}"
+        )
     masks = list(masks)
     if len(masks) != n:
         raise ValueError(f"masks must give one mask per particle ({n}), got {len(masks)}")
     distinct, group = [], np.empty(n, dtype=np.int64)
     for i, m in enumerate(masks):
         if not isinstance(m, Mask):
-            m = ArrayMask(np.asarray(m))
+            try:
+                m = ArrayMask(np.asarray(m))
+            except ValueError as exc:
+                raise ValueError(
+                    f"masks[{i}] is neither a Mask nor a boolean half grid of shape {half}: "
+                    f"{exc}"
+                ) from None
+        _check_mask_box(m, d, f"masks[{i}]")
         for j, seen in enumerate(distinct):
             if seen == m:
                 group[i] = j
@@ -836,6 +903,13 @@ def _group_masks(masks, n, d):
             group[i] = len(distinct)
             distinct.append(m)
     return distinct, group
+
+
+def _check_mask_box(mask, d, name):
+    if isinstance(mask, ArrayMask) and mask.box_size != d:
+        raise ValueError(
+            f"{name} is a half grid for box size {mask.box_size}, but X has box size {d}"
+        )
 
 
 def _check_rotations(rotations, n, name):
@@ -849,6 +923,18 @@ def _check_rotations(rotations, n, name):
             raise ValueError(f"{name} must have shape (n, 3, 3), got {matrices.shape}")
         if not np.all(np.isfinite(matrices)):
             raise ValueError(f"{name} contains NaN or infinite values")
+        # from_matrix would quietly replace any matrix by its nearest rotation.
+        error = np.abs(np.einsum("nji,njk->nik", matrices, matrices) - np.eye(3)).max(
+            axis=(1, 2), initial=0.0
+        )
+        det = np.linalg.det(matrices)
+        bad = np.flatnonzero((error > _ROTATION_TOL) | (det <= 0))
+        if bad.size:
+            i = bad[0]
+            raise ValueError(
+                f"{name} must be rotation matrices (R^T R = I, det R = +1); matrix {i} is "
+                f"not (max |R^T R - I| = {error[i]:.2g}, det R = {det[i]:.3g})"
+            )
         matrices = Rotation.from_matrix(matrices).as_matrix()
     if n is not None and len(matrices) != n:
         raise ValueError(f"{name} must give one rotation per particle ({n}), got {len(matrices)}")

@@ -293,10 +293,11 @@ def read_particles(source, *, voxel_size=None) -> ParticleSet:
         If the STAR file or an image it names does not exist (the message names
         both), or a glob pattern matches nothing.
     ValueError
-        If the STAR file lacks ``rlnImageName``, an MRC file is corrupt or
-        truncated, a volume is not cubic or differs in size from the others, a
-        particle holds NaN or infinite values, or the voxel size is unknown or
-        ambiguous; the message names the file, column or particle.
+        If the STAR file lacks ``rlnImageName``, a path given as an MRC file is a
+        folder, an MRC file is corrupt or truncated, a volume is not cubic or
+        differs in size from the others, a particle holds NaN or infinite values,
+        or the voxel size is unknown or ambiguous; the message names the file,
+        column or particle.
 
     Notes
     -----
@@ -418,6 +419,8 @@ def _read_mrc_files(paths: list[Path], voxel_size) -> ParticleSet:
     arg_vs = None if voxel_size is None else _check_voxel_size(voxel_size)
     entries = []
     for p in paths:
+        if p.is_dir():
+            raise ValueError(f"{p} is a folder, not an MRC file; pass a pattern like '{p}/*.mrc'")
         if not p.is_file():
             raise FileNotFoundError(f"MRC file not found: {p}")
         n = _stack_length(p)
