@@ -23,7 +23,9 @@ from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_is_fitted
 
 from . import kernel
+from .fft import half_grid_shape
 from .masks import ArrayMask, FullData, Mask
+from .metrics import fsc
 from .regularization import check_schedule, pairwise_squared_distances, penalised_update
 from .sampling import perturb, so3_grid, symmetry_group
 from .stats import SufficientStatistics
@@ -171,13 +173,17 @@ class _SubtomogramClassifier(BaseEstimator):
         """Orientations searched: the grid, or each particle's own when not aligning."""
         return rotations if self.align else current_rotations
 
-    def _run_kernel(self, function, data, model, search, current_rotations, settings, **kwargs):
+    def _run_kernel(
+        self, function, data, model, search, current_rotations, settings, halves=False,
+        **kwargs,
+    ):
         """Run a kernel function over particle chunks sized by ``memory_budget``.
 
         Without alignment ``search.rotations`` holds one orientation per particle and
         particle i searches only the i-th; with ``local_search`` each particle searches
         the grid orientations near its current one. Returns the joined per-particle
-        results and the statistics of each chunk.
+        results and the statistics of the particles (one entry), or with ``halves``
+        of the even- and odd-numbered particles separately (two entries).
         """
         n = len(data)
         candidates = None
@@ -189,18 +195,20 @@ class _SubtomogramClassifier(BaseEstimator):
             )
         size, keep_scores, share = kernel.chunk_plan(
             n, model.references.shape[0], len(search.rotations), len(search.shifts),
-            self._box_size, self.memory_budget * 2**30,
+            model.references.shape[-1], self.memory_budget * 2**30,
         )
         settings = dataclasses.replace(
             settings, n_jobs=effective_n_jobs(self.n_jobs), keep_scores=keep_scores
         )
-        chunks = [np.arange(s, min(n, s + size)) for s in range(0, n, size)]
+        parts = [np.arange(0, n, 2), np.arange(1, n, 2)] if halves else [np.arange(n)]
+        chunks = [(p, part[s : s + size]) for p, part in enumerate(parts)
+                  for s in range(0, len(part), size)]
         transforms = None
         if share and (len(chunks) > 1 or not keep_scores):
             transforms = kernel.rotated_transforms(model.references, search.rotations, settings)
         results = []
         with _progress(n, self.verbose) as bar:
-            for c in chunks:
+            for _, c in chunks:
                 part = data.subset(c, None if candidates is None else candidates[c])
                 share = len(c)
                 results.append(function(
@@ -208,9 +216,15 @@ class _SubtomogramClassifier(BaseEstimator):
                     progress=lambda fraction, share=share: bar.update(fraction * share),
                     **kwargs,
                 ))
-        result = kernel.ChunkResult.concatenate(results)
+        order = np.argsort(np.concatenate([c for _, c in chunks]))
+        result = kernel.ChunkResult.concatenate(results).take(order)
         result.rotations = search.rotations[result.best_rotation]
-        return result, [r.statistics for r in results]
+        statistics = [
+            sum(r.statistics for (p, _), r in zip(chunks, results, strict=True) if p == i)
+            if results[0].statistics is not None else None
+            for i in range(len(parts))
+        ]
+        return result, statistics
 
     def _initial_references(self, data, settings, rng):
         """Given references, or the paper's weighted averages of random subsets."""
@@ -242,7 +256,7 @@ class _SubtomogramClassifier(BaseEstimator):
     def _set_references(self, references_hat):
         """Band-limit and symmetrise the class averages; keep both representations."""
         refs = kernel.to_real(
-            references_hat * self._band_weights.astype(bool), self._box_size, self.fft_backend
+            references_hat * self._band_now().astype(bool), self._box_size, self.fft_backend
         )
         group = symmetry_group(self.symmetry)
         if len(group) > 1:
@@ -250,6 +264,16 @@ class _SubtomogramClassifier(BaseEstimator):
         self._references_hat = kernel.to_fourier(refs, self.fft_backend)
         self._references_real = refs.astype(np.float32)
         self.references_ = self._references_real.copy()
+
+    def _band_now(self):
+        """Band weights of the current Fourier crop: the whole band when not cropping."""
+        crop = getattr(self, "_crop_size", self._box_size)
+        if crop >= self._box_size:
+            return self._band_weights
+        index = kernel.crop_index(self._box_size, crop)
+        band = np.zeros_like(self._band_weights)
+        band[index] = self._band_weights[index] * kernel.crop_ball(crop)
+        return band
 
     def _store_pose(self, result, base_shifts):
         self.rotations_ = result.rotations
@@ -383,6 +407,14 @@ class MissingDataMLClassifier(DensityMixin, _SubtomogramClassifier):
     local_search : float, default=None
         Search only grid orientations within this angle (degrees) of each
         particle's current orientation (starting from ``init_rotations``).
+    min_box_size : int, default=None
+        Resolution-adaptive Fourier cropping (like xmipp's ``--dim``, but adaptive):
+        the iterations start in a box of this even size holding only the
+        components with ``|q| < min_box_size / 2``, and the box grows to 1.5 times
+        the highest frequency at which the averages of the even- and odd-numbered
+        particles still agree (FSC >= 0.143), up to the full box. Each cropped
+        iteration costs about ``(min_box_size / D)^3`` of a full one; shifts keep
+        their full-box voxel units. None: always the full box.
     max_iter : int, default=40
         Number of EM iterations at most.
     tol : float, default=1e-5
@@ -443,6 +475,8 @@ class MissingDataMLClassifier(DensityMixin, _SubtomogramClassifier):
         sigma after each iteration's M-step.
     class_weights_history_ : list of ndarray of shape (K,)
         Class weights after each iteration's M-step.
+    box_size_history_ : list of int
+        Box size of each iteration: D, or the Fourier crop of ``min_box_size``.
     lower_bound_ : float
         The last entry of ``log_likelihood_history_``.
     n_iter_ : int
@@ -471,6 +505,7 @@ class MissingDataMLClassifier(DensityMixin, _SubtomogramClassifier):
         fix_class_weights=False,
         align=True,
         local_search=None,
+        min_box_size=None,
         max_iter=40,
         tol=1e-5,
         pruning_threshold=1e-8,
@@ -503,6 +538,7 @@ class MissingDataMLClassifier(DensityMixin, _SubtomogramClassifier):
         self.fix_class_weights = fix_class_weights
         self.align = align
         self.local_search = local_search
+        self.min_box_size = min_box_size
         self.max_iter = max_iter
         self.tol = tol
         self.pruning_threshold = pruning_threshold
@@ -529,6 +565,10 @@ class MissingDataMLClassifier(DensityMixin, _SubtomogramClassifier):
         _check_real(self, "init_xi", 0.0)
         _check_real(self, "tol", 0.0)
         _check_real(self, "pruning_threshold", 0.0, 1.0)
+        if self.min_box_size is not None:
+            _check_integer(self, "min_box_size", 4)
+            if self.min_box_size % 2:
+                raise ValueError(f"min_box_size must be even, got {self.min_box_size}")
 
     def _prepare_fit(self, X, masks, init_rotations, init_shifts):
         prepared = super()._prepare_fit(X, masks, init_rotations, init_shifts)
@@ -581,6 +621,7 @@ class MissingDataMLClassifier(DensityMixin, _SubtomogramClassifier):
             "history": [],
             "sigma_history": [],
             "weights_history": [],
+            "box_history": [],
             "labels": None,
             "best_rotations": None,
             "rotations": init_rotations,
@@ -590,6 +631,7 @@ class MissingDataMLClassifier(DensityMixin, _SubtomogramClassifier):
         self.log_likelihood_history_ = run["history"]
         self.sigma_history_ = run["sigma_history"]
         self.class_weights_history_ = run["weights_history"]
+        self.box_size_history_ = run["box_history"]
         self.converged_ = run["converged"]
         self.n_iter_ = run["iteration"]
         iterations = range(run["iteration"], self.max_iter)
@@ -600,7 +642,10 @@ class MissingDataMLClassifier(DensityMixin, _SubtomogramClassifier):
         for iteration in iterations if not self.converged_ else ():
             start = time.perf_counter()
             rotations = self._iteration_rotations(grid, rng)
-            stats, result = self._e_step(data, settings, rotations, run["rotations"], True)
+            crop = self._crop_size
+            stats, result, halves = self._e_step(
+                data, settings, rotations, run["rotations"], True
+            )
             self.log_likelihood_history_.append(stats.log_likelihood)
             labels = np.argmax(result.class_log_posterior, axis=1)
             if self.local_search is not None:
@@ -608,19 +653,24 @@ class MissingDataMLClassifier(DensityMixin, _SubtomogramClassifier):
             self._m_step(stats, schedule(iteration))
             self.sigma_history_.append(self.sigma_)
             self.class_weights_history_.append(self.class_weights_.copy())
+            self.box_size_history_.append(crop)
             self.n_iter_ = iteration + 1
             self._log_iteration(iteration, stats, run, labels, result.rotations, start)
+            if halves is not None:
+                self._crop_size = self._grown_crop(halves)
             run["labels"], run["best_rotations"] = labels, result.rotations
-            if iteration > 0:
+            # Log-likelihoods of different crops cover different components.
+            if iteration > 0 and run.get("crop") == crop:
                 change = (self.log_likelihood_history_[-1] - self.log_likelihood_history_[-2]) / n
                 self.converged_ = bool(abs(change) < self.tol)
+            run["crop"] = crop
             run.update(iteration=iteration + 1, converged=self.converged_)
             self._save_checkpoint(fingerprint, rng, run)
             if self.converged_:
                 break
 
         current_rotations = run["rotations"]
-        _, result = self._e_step(data, settings, grid, current_rotations, False)
+        _, result, _ = self._e_step(data, settings, grid, current_rotations, False)
         self.log_likelihood_history_.append(float(np.sum(result.log_likelihood)))
         self.lower_bound_ = self.log_likelihood_history_[-1]
         self.labels_ = np.argmax(result.class_log_posterior, axis=1)
@@ -636,34 +686,56 @@ class MissingDataMLClassifier(DensityMixin, _SubtomogramClassifier):
         sigma = self.init_sigma if self.init_sigma is not None else self._data_rms
         self.sigma_ = float(sigma)
         self.xi_ = float(self.init_xi)
+        d = self._box_size
+        self._crop_size = d if self.min_box_size is None else min(d, self.min_box_size)
         self._set_references(
             self._initial_references(data, settings, rng)
         )
 
     _MODEL_STATE = (
-        "_references_hat", "_references_real", "references_", "class_weights_", "sigma_", "xi_"
+        "_references_hat", "_references_real", "references_", "class_weights_", "sigma_", "xi_",
+        "_crop_size",
     )
     def _model(self):
         with np.errstate(divide="ignore"):
             log_weights = np.log(self.class_weights_)
-        return kernel.Model(self._references_real, log_weights, self.sigma_)
+        crop = self._crop_size
+        if crop == self._box_size:
+            return kernel.Model(self._references_real, log_weights, self.sigma_)
+        index = (slice(None), *kernel.crop_index(self._box_size, crop))
+        refs = kernel.to_real(self._references_hat[index], crop, self.fft_backend)
+        return kernel.Model(refs, log_weights, self.sigma_)
 
     def _e_step(self, data, settings, rotations, current_rotations, accumulate):
-        """Scores, posteriors and (optionally) statistics for all particles."""
+        """Scores, posteriors and (optionally) statistics for all particles.
+
+        In a Fourier crop the statistics are returned on the full half grid (zero
+        outside the crop), with the cropped ones of the two half sets.
+        """
         shifts, log_prior = kernel.shift_window(self._shift_limit(self.xi_), self.xi_)
         search = kernel.SearchSpace(
             self._search_rotations(rotations, current_rotations), shifts, log_prior
         )
-        result, stats = self._run_kernel(
+        cropped = self._crop_size < self._box_size
+        if cropped:
+            data, settings = kernel.crop_problem(data, settings, self._crop_size)
+        result, parts = self._run_kernel(
             kernel.e_step, data, self._model(), search, current_rotations, settings,
-            accumulate=accumulate,
+            halves=cropped and accumulate, accumulate=accumulate,
         )
-        return (sum(stats) if accumulate else None), result
+        if not accumulate:
+            return None, result, None
+        stats = sum(parts)
+        if cropped:
+            stats = stats.embedded(kernel.crop_index(self._box_size, self._crop_size),
+                                   half_grid_shape(self._box_size))
+        return stats, result, parts if cropped else None
 
     def _m_step(self, stats: SufficientStatistics, theta: float) -> None:
         """Update the model from the sufficient statistics (design section 2b)."""
         n, k = stats.n_particles, self.n_classes
-        full = float(np.sum(self._band_weights))  # J
+        band = self._band_now()
+        full = float(np.sum(band))  # J
         class_sums = stats.class_sums
         sigma2 = self.sigma_**2
         refs = self._references_hat
@@ -682,7 +754,7 @@ class MissingDataMLClassifier(DensityMixin, _SubtomogramClassifier):
         if theta > 0 and k > 1:
             tau = theta * n / k
             refs = penalised_update(refs, class_sums, tau)
-            sigma2 += tau * pairwise_squared_distances(refs, self._band_weights) / (2 * n * full)
+            sigma2 += tau * pairwise_squared_distances(refs, band) / (2 * n * full)
         if not self.fix_class_weights:
             self.class_weights_ = class_sums / n
         if not self.fix_xi:
@@ -690,6 +762,27 @@ class MissingDataMLClassifier(DensityMixin, _SubtomogramClassifier):
         if not self.fix_sigma:
             self.sigma_ = float(max(np.sqrt(max(sigma2, 0.0)), _SIGMA_FLOOR * self._data_rms))
         self._set_references(refs)
+
+    def _grown_crop(self, halves):
+        """The next crop: 1.5 times the highest shell where the half sets agree.
+
+        The shell is the first one where the FSC between the weighted averages of
+        the even- and odd-numbered particles drops below 0.143, in the class that
+        goes furthest; the box never shrinks.
+        """
+        crop = self._crop_size
+        averages = [
+            kernel.to_real(self._weighted_average(h, np.zeros_like(h.data_sums)), crop)
+            for h in halves
+        ]
+        shell = 0
+        for k in range(self.n_classes):
+            if min(h.class_sums[k] for h in halves) <= 0:
+                continue
+            _, curve = fsc(averages[0][k], averages[1][k])
+            below = np.flatnonzero(curve[1:] < 0.143)
+            shell = max(shell, below[0] + 1 if len(below) else len(curve) - 1)
+        return min(self._box_size, max(crop, 2 * int(np.ceil(1.5 * shell))))
 
     def _log_iteration(self, iteration, stats, previous, labels, rotations, start):
         """One line: the figures a user watches to judge convergence and class collapse."""
@@ -704,14 +797,14 @@ class MissingDataMLClassifier(DensityMixin, _SubtomogramClassifier):
             f"sigma {self.sigma_:.4g}, xi {self.xi_:.3g}, class sizes {sizes.tolist()}, "
             f"class weights {np.round(self.class_weights_, 3).tolist()}, "
             f"class changes {changed:.3f}, mean orientation change {turned:.1f} deg, "
-            f"{time.perf_counter() - start:.3g} s"
+            f"box {self._crop_size}, {time.perf_counter() - start:.3g} s"
         )
         _log(message, self.verbose)
 
     # ------------------------------------------------------------------ inference
     def _predict_result(self, X, masks):
         data, settings = self._prepare_predict(X, masks)
-        _, result = self._e_step(data, settings, self._orientation_grid(), None, False)
+        _, result, _ = self._e_step(data, settings, self._orientation_grid(), None, False)
         return result
 
     def predict_proba(self, X, masks=None):

@@ -222,14 +222,22 @@ class ChunkResult:
     statistics: SufficientStatistics | None = field(default=None)
     rotations: np.ndarray | None = field(default=None)
 
+    _PER_PARTICLE = (
+        "log_likelihood", "class_log_posterior", "best_class", "best_rotation",
+        "best_shift", "max_posterior",
+    )
+
     @classmethod
     def concatenate(cls, results: list[ChunkResult]) -> ChunkResult:
         """Per-particle results of consecutive chunks joined (statistics left out)."""
-        names = (
-            "log_likelihood", "class_log_posterior", "best_class", "best_rotation",
-            "best_shift", "max_posterior",
-        )
-        return cls(**{name: np.concatenate([getattr(r, name) for r in results]) for name in names})
+        return cls(**{
+            name: np.concatenate([getattr(r, name) for r in results])
+            for name in cls._PER_PARTICLE
+        })
+
+    def take(self, index: np.ndarray) -> ChunkResult:
+        """The per-particle results of the particles at ``index`` (statistics left out)."""
+        return ChunkResult(**{name: getattr(self, name)[index] for name in self._PER_PARTICLE})
 
 
 def logsumexp(a: np.ndarray, axis) -> np.ndarray:

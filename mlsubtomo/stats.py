@@ -73,6 +73,16 @@ class SufficientStatistics:
             n_particles=self.n_particles + other.n_particles,
         )
 
+    def embedded(self, index: tuple, half_shape: tuple) -> SufficientStatistics:
+        """These statistics of a Fourier crop placed at ``index`` of a larger half grid."""
+        out = SufficientStatistics.zeros(len(self.class_sums), half_shape)
+        out.data_sums[(slice(None), *index)] = self.data_sums
+        out.observation_counts[(slice(None), *index)] = self.observation_counts
+        for name in ("class_sums", "residual_sum", "shift_sum", "log_likelihood",
+                     "n_observed", "n_particles"):
+            setattr(out, name, getattr(self, name))
+        return out
+
     def __radd__(self, other):
         # Lets sum() start from 0.
         if isinstance(other, int) and other == 0:

@@ -179,10 +179,12 @@ def test_nan_input_is_named():
         MissingDataMLClassifier(max_iter=1).fit(X)
 
 
-def test_resumed_run_equals_an_uninterrupted_one(phantoms, tmp_path):
+@pytest.mark.parametrize("min_box_size", [None, 8])
+def test_resumed_run_equals_an_uninterrupted_one(phantoms, tmp_path, min_box_size):
     data = make_dataset(phantoms, 16, masks=WEDGE, snr=0.2, max_shift=1, random_state=7)
     params = dict(
-        angular_step=45, max_shift=1, tol=0, random_state=0, regularization=LinearDecay(5.0, 5)
+        angular_step=45, max_shift=1, tol=0, random_state=0, regularization=LinearDecay(5.0, 5),
+        min_box_size=min_box_size,
     )
     full = MissingDataMLClassifier(2, max_iter=6, **params).fit(data.volumes, masks=WEDGE)
     path = tmp_path / "run.ckpt"
@@ -194,6 +196,7 @@ def test_resumed_run_equals_an_uninterrupted_one(phantoms, tmp_path):
         2, max_iter=6, checkpoint_path=path, resume=True, **params
     ).fit(data.volumes, masks=WEDGE)
     assert resumed.n_iter_ == 6
+    assert resumed.box_size_history_ == full.box_size_history_
     np.testing.assert_allclose(resumed.log_likelihood_history_, full.log_likelihood_history_,
                                rtol=1e-6)
     scale = np.abs(full.references_).max()
