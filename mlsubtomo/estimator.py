@@ -175,7 +175,7 @@ class _SubtomogramClassifier(BaseEstimator):
 
     def _run_kernel(
         self, function, data, model, search, current_rotations, settings, halves=False,
-        **kwargs,
+        local=None, **kwargs,
     ):
         """Run a kernel function over particle chunks sized by ``memory_budget``.
 
@@ -184,15 +184,16 @@ class _SubtomogramClassifier(BaseEstimator):
         the grid orientations near its current one. Returns the joined per-particle
         results and the statistics of the particles (one entry), or with ``halves``
         of the even- and odd-numbered particles separately (two entries).
+        ``local`` (degrees) searches around ``current_rotations`` as ``local_search``
+        does.
         """
         n = len(data)
+        local = self.local_search if local is None else local
         candidates = None
         if not self.align:
             candidates = np.eye(n, dtype=bool)
-        elif self.local_search is not None:
-            candidates = kernel.local_candidates(
-                search.rotations, current_rotations, self.local_search
-            )
+        elif local is not None:
+            candidates = kernel.local_candidates(search.rotations, current_rotations, local)
         size, keep_scores, share = kernel.chunk_plan(
             n, model.references.shape[0], len(search.rotations), len(search.shifts),
             model.references.shape[-1], self.memory_budget * 2**30,
@@ -204,7 +205,8 @@ class _SubtomogramClassifier(BaseEstimator):
         chunks = [(p, part[s : s + size]) for p, part in enumerate(parts)
                   for s in range(0, len(part), size)]
         transforms = None
-        if share and (len(chunks) > 1 or not keep_scores):
+        # With candidate orientations, blocks nobody searches are never rotated.
+        if share and candidates is None and (len(chunks) > 1 or not keep_scores):
             transforms = kernel.rotated_transforms(model.references, search.rotations, settings)
         results = []
         with _progress(n, self.verbose) as bar:
@@ -415,6 +417,10 @@ class MissingDataMLClassifier(DensityMixin, _SubtomogramClassifier):
         particles still agree (FSC >= 0.143), up to the full box. Each cropped
         iteration costs about ``(min_box_size / D)^3`` of a full one; shifts keep
         their full-box voxel units. None: always the full box.
+    local_refinement : float, default=None
+        Once the global search has converged (``tol``), go on searching only grid
+        orientations within this angle (degrees) of each particle's current best
+        one, until that converges too or ``max_iter`` is reached.
     max_iter : int, default=40
         Number of EM iterations at most.
     tol : float, default=1e-5
@@ -506,6 +512,7 @@ class MissingDataMLClassifier(DensityMixin, _SubtomogramClassifier):
         align=True,
         local_search=None,
         min_box_size=None,
+        local_refinement=None,
         max_iter=40,
         tol=1e-5,
         pruning_threshold=1e-8,
@@ -539,6 +546,7 @@ class MissingDataMLClassifier(DensityMixin, _SubtomogramClassifier):
         self.align = align
         self.local_search = local_search
         self.min_box_size = min_box_size
+        self.local_refinement = local_refinement
         self.max_iter = max_iter
         self.tol = tol
         self.pruning_threshold = pruning_threshold
@@ -569,6 +577,8 @@ class MissingDataMLClassifier(DensityMixin, _SubtomogramClassifier):
             _check_integer(self, "min_box_size", 4)
             if self.min_box_size % 2:
                 raise ValueError(f"min_box_size must be even, got {self.min_box_size}")
+        if self.local_refinement is not None:
+            _check_real(self, "local_refinement", 0.0, 180.0, low_open=True)
 
     def _prepare_fit(self, X, masks, init_rotations, init_shifts):
         prepared = super()._prepare_fit(X, masks, init_rotations, init_shifts)
@@ -643,12 +653,13 @@ class MissingDataMLClassifier(DensityMixin, _SubtomogramClassifier):
             start = time.perf_counter()
             rotations = self._iteration_rotations(grid, rng)
             crop = self._crop_size
+            local = self.local_refinement if run.get("refining") else None
             stats, result, halves = self._e_step(
-                data, settings, rotations, run["rotations"], True
+                data, settings, rotations, run["rotations"], True, local
             )
             self.log_likelihood_history_.append(stats.log_likelihood)
             labels = np.argmax(result.class_log_posterior, axis=1)
-            if self.local_search is not None:
+            if self.local_search is not None or local is not None:
                 run["rotations"] = result.rotations
             self._m_step(stats, schedule(iteration))
             self.sigma_history_.append(self.sigma_)
@@ -664,13 +675,17 @@ class MissingDataMLClassifier(DensityMixin, _SubtomogramClassifier):
                 change = (self.log_likelihood_history_[-1] - self.log_likelihood_history_[-2]) / n
                 self.converged_ = bool(abs(change) < self.tol)
             run["crop"] = crop
+            if self.converged_ and self.local_refinement is not None and not run.get("refining"):
+                run.update(refining=True, rotations=result.rotations)
+                self.converged_ = False
             run.update(iteration=iteration + 1, converged=self.converged_)
             self._save_checkpoint(fingerprint, rng, run)
             if self.converged_:
                 break
 
         current_rotations = run["rotations"]
-        _, result, _ = self._e_step(data, settings, grid, current_rotations, False)
+        local = self.local_refinement if run.get("refining") else None
+        _, result, _ = self._e_step(data, settings, grid, current_rotations, False, local)
         self.log_likelihood_history_.append(float(np.sum(result.log_likelihood)))
         self.lower_bound_ = self.log_likelihood_history_[-1]
         self.labels_ = np.argmax(result.class_log_posterior, axis=1)
@@ -706,7 +721,7 @@ class MissingDataMLClassifier(DensityMixin, _SubtomogramClassifier):
         refs = kernel.to_real(self._references_hat[index], crop, self.fft_backend)
         return kernel.Model(refs, log_weights, self.sigma_)
 
-    def _e_step(self, data, settings, rotations, current_rotations, accumulate):
+    def _e_step(self, data, settings, rotations, current_rotations, accumulate, local=None):
         """Scores, posteriors and (optionally) statistics for all particles.
 
         In a Fourier crop the statistics are returned on the full half grid (zero
@@ -721,7 +736,7 @@ class MissingDataMLClassifier(DensityMixin, _SubtomogramClassifier):
             data, settings = kernel.crop_problem(data, settings, self._crop_size)
         result, parts = self._run_kernel(
             kernel.e_step, data, self._model(), search, current_rotations, settings,
-            halves=cropped and accumulate, accumulate=accumulate,
+            halves=cropped and accumulate, local=local, accumulate=accumulate,
         )
         if not accumulate:
             return None, result, None

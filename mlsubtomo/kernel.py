@@ -727,9 +727,11 @@ def _score_block(chunk, model, search, settings, block, transforms):
     )
     if settings.keep_scores:
         out.relative = np.zeros((n, n_classes, b, len(search.shifts)), dtype=np.float32)
+    candidates = _block_candidates(chunk, block)
+    if candidates is not None and not candidates.any():
+        return out
     rotated = _block_transforms(model, search, settings, transforms, block)
     power = scorer.masked_power(rotated)
-    candidates = _block_candidates(chunk, block)
     for k in np.flatnonzero(np.isfinite(model.log_class_weights)):
         for p, r, cross in scorer.pair_batches(np.conj(rotated[k]), candidates):
             score, _ = scorer.scores(k, p, cross, power[chunk.group[p], k, r])
@@ -892,9 +894,11 @@ def _correlate_block(chunk, model, search, settings, block, transforms):
     n, n_classes, b = len(chunk), model.references.shape[0], len(block)
     top = np.full((n, n_classes, b), -np.inf)
     arg = np.zeros((n, n_classes, b), dtype=np.int64)
+    candidates = _block_candidates(chunk, block)
+    if candidates is not None and not candidates.any():
+        return top[..., 0], block[arg[..., 0]], arg[..., 0]
     rotated = _block_transforms(model, search, settings, transforms, block)
     power = scorer.masked_power(rotated)
-    candidates = _block_candidates(chunk, block)
     for k in range(n_classes):
         for p, r, cross in scorer.pair_batches(np.conj(rotated[k]), candidates):
             cc = scorer.correlations(p, cross, power[chunk.group[p], k, r])

@@ -289,3 +289,21 @@ def test_dask_cluster_gives_the_serial_result(phantoms):
     np.testing.assert_allclose(
         remote.log_likelihood_history_, serial.log_likelihood_history_, rtol=1e-6
     )
+
+
+def test_local_refinement_continues_after_the_global_search_converges(phantoms):
+    data = make_dataset(phantoms, 24, masks=WEDGE, snr=0.5, max_shift=1, random_state=8)
+    params = dict(angular_step=45, max_shift=1, tol=0.5, max_iter=12, random_state=0,
+                  regularization=LinearDecay(5.0, 3), perturb=False)
+    plain = MissingDataMLClassifier(2, **params).fit(data.volumes, masks=WEDGE)
+    assert plain.converged_ and plain.n_iter_ < 12
+    refined = MissingDataMLClassifier(2, local_refinement=30.0, **params).fit(
+        data.volumes, masks=WEDGE
+    )
+    # The same global iterations, then at least one more searching locally.
+    n = plain.n_iter_
+    assert refined.n_iter_ > n
+    np.testing.assert_allclose(
+        refined.log_likelihood_history_[:n], plain.log_likelihood_history_[:n], rtol=1e-9
+    )
+    assert class_purity(data.labels, refined.labels_) >= class_purity(data.labels, plain.labels_)
