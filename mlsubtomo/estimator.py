@@ -418,7 +418,9 @@ class MissingDataMLClassifier(DensityMixin, _SubtomogramClassifier):
         iteration costs about ``(min_box_size / D)^3`` of a full one; shifts keep
         their full-box voxel units. None: always the full box.
     local_refinement : float, default=None
-        Once the global search has converged (``tol``), go on searching only grid
+        Once the global search has settled (no regularisation left, and either
+        converged by ``tol`` or fewer than 1% of the particles changing class with
+        a mean orientation change below ``angular_step``), search only the grid
         orientations within this angle (degrees) of each particle's current best
         one, until that converges too or ``max_iter`` is reached.
     max_iter : int, default=40
@@ -481,6 +483,8 @@ class MissingDataMLClassifier(DensityMixin, _SubtomogramClassifier):
         sigma after each iteration's M-step.
     class_weights_history_ : list of ndarray of shape (K,)
         Class weights after each iteration's M-step.
+    refinement_start_ : int or None
+        The iteration (0-based) from which ``local_refinement`` searched locally.
     box_size_history_ : list of int
         Box size of each iteration: D, or the Fourier crop of ``min_box_size``.
     lower_bound_ : float
@@ -653,7 +657,7 @@ class MissingDataMLClassifier(DensityMixin, _SubtomogramClassifier):
             start = time.perf_counter()
             rotations = self._iteration_rotations(grid, rng)
             crop = self._crop_size
-            local = self.local_refinement if run.get("refining") else None
+            local = self.local_refinement if run.get("refining") is not None else None
             stats, result, halves = self._e_step(
                 data, settings, rotations, run["rotations"], True, local
             )
@@ -666,7 +670,8 @@ class MissingDataMLClassifier(DensityMixin, _SubtomogramClassifier):
             self.class_weights_history_.append(self.class_weights_.copy())
             self.box_size_history_.append(crop)
             self.n_iter_ = iteration + 1
-            self._log_iteration(iteration, stats, run, labels, result.rotations, start)
+            changes = self._assignment_changes(run, labels, result.rotations)
+            self._log_iteration(iteration, stats, labels, changes, start)
             if halves is not None:
                 self._crop_size = self._grown_crop(halves)
             run["labels"], run["best_rotations"] = labels, result.rotations
@@ -675,8 +680,12 @@ class MissingDataMLClassifier(DensityMixin, _SubtomogramClassifier):
                 change = (self.log_likelihood_history_[-1] - self.log_likelihood_history_[-2]) / n
                 self.converged_ = bool(abs(change) < self.tol)
             run["crop"] = crop
-            if self.converged_ and self.local_refinement is not None and not run.get("refining"):
-                run.update(refining=True, rotations=result.rotations)
+            if (
+                self.local_refinement is not None and run.get("refining") is None
+                and schedule(iteration) == 0
+                and (self.converged_ or (changes[0] < 0.01 and changes[1] < self.angular_step))
+            ):
+                run.update(refining=iteration + 1, rotations=result.rotations)
                 self.converged_ = False
             run.update(iteration=iteration + 1, converged=self.converged_)
             self._save_checkpoint(fingerprint, rng, run)
@@ -684,7 +693,8 @@ class MissingDataMLClassifier(DensityMixin, _SubtomogramClassifier):
                 break
 
         current_rotations = run["rotations"]
-        local = self.local_refinement if run.get("refining") else None
+        local = self.local_refinement if run.get("refining") is not None else None
+        self.refinement_start_ = run.get("refining")
         _, result, _ = self._e_step(data, settings, grid, current_rotations, False, local)
         self.log_likelihood_history_.append(float(np.sum(result.log_likelihood)))
         self.lower_bound_ = self.log_likelihood_history_[-1]
@@ -799,14 +809,19 @@ class MissingDataMLClassifier(DensityMixin, _SubtomogramClassifier):
             shell = max(shell, below[0] + 1 if len(below) else len(curve) - 1)
         return min(self._box_size, max(crop, 2 * int(np.ceil(1.5 * shell))))
 
-    def _log_iteration(self, iteration, stats, previous, labels, rotations, start):
+    @staticmethod
+    def _assignment_changes(previous, labels, rotations):
+        """Fraction of particles changing class, and mean orientation change (degrees)."""
+        if previous["labels"] is None:
+            return np.nan, np.nan
+        relative = np.einsum("nji,njk->nik", previous["best_rotations"], rotations)
+        turned = np.degrees(np.mean(Rotation.from_matrix(relative).magnitude()))
+        return float(np.mean(previous["labels"] != labels)), float(turned)
+
+    def _log_iteration(self, iteration, stats, labels, changes, start):
         """One line: the figures a user watches to judge convergence and class collapse."""
         sizes = np.bincount(labels, minlength=self.n_classes)
-        changed = turned = np.nan
-        if previous["labels"] is not None:
-            changed = np.mean(previous["labels"] != labels)
-            relative = np.einsum("nji,njk->nik", previous["best_rotations"], rotations)
-            turned = np.degrees(np.mean(Rotation.from_matrix(relative).magnitude()))
+        changed, turned = changes
         message = (
             f"iteration {iteration + 1}: log-likelihood {stats.log_likelihood:.6g}, "
             f"sigma {self.sigma_:.4g}, xi {self.xi_:.3g}, class sizes {sizes.tolist()}, "

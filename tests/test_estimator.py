@@ -300,10 +300,12 @@ def test_local_refinement_continues_after_the_global_search_converges(phantoms):
     refined = MissingDataMLClassifier(2, local_refinement=30.0, **params).fit(
         data.volumes, masks=WEDGE
     )
-    # The same global iterations, then at least one more searching locally.
-    n = plain.n_iter_
+    # The same global iterations, then local ones until convergence or max_iter.
+    n = refined.refinement_start_
+    assert n is not None and 3 <= n <= plain.n_iter_
     assert refined.n_iter_ > n
     np.testing.assert_allclose(
         refined.log_likelihood_history_[:n], plain.log_likelihood_history_[:n], rtol=1e-9
     )
-    assert class_purity(data.labels, refined.labels_) >= class_purity(data.labels, plain.labels_)
+    # Searching near the settled orientations keeps the classes (2 of 24 may move).
+    assert class_purity(plain.labels_, refined.labels_) >= 22 / 24
