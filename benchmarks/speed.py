@@ -28,7 +28,15 @@ memory
     progress bar shows the first chunk done, or at the time limit (then the table
     says how far it got).
 
-Results go to ``<out>/speed.json`` and ``<out>/speed.md``.
+modes
+    The whole paper run (40 iterations, regularisation 5 -> 0 in 5 iterations,
+    n_jobs = all cores) at SNR 0.01 and 0.05, exhaustive and with the accelerated
+    options (``min_box_size=16`` and ``local_refinement=30``), on the same data:
+    run time, purity and median orientation error (up to the phantoms' D7 / C7
+    symmetry and one global rotation per class).
+
+Results go to ``<out>/speed.json`` and ``<out>/speed.md``; parts run separately
+are merged into the JSON already there.
 """
 
 from __future__ import annotations
@@ -47,10 +55,11 @@ from pathlib import Path
 
 import numpy as np
 
-from mlsubtomo import MissingDataMLClassifier, MissingWedge
+from mlsubtomo import LinearDecay, MissingDataMLClassifier, MissingWedge
 from mlsubtomo.fft import FFTBackend
 from mlsubtomo.kernel import chunk_plan
-from mlsubtomo.sampling import so3_grid
+from mlsubtomo.metrics import class_purity, classified_orientation_errors
+from mlsubtomo.sampling import so3_grid, symmetry_group
 from mlsubtomo.simulate import groel_groes_phantom, groel_phantom, make_dataset
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -174,6 +183,41 @@ def part_scaling(quick: bool) -> dict:
     return out
 
 
+ACCELERATED = {"min_box_size": 16, "local_refinement": 30.0}
+
+
+def part_modes(quick: bool) -> dict:
+    n, d, step, shift, iters = (40, 16, 45.0, 1, 6) if quick else (200, 32, 15.0, 3, 40)
+    accelerated = dict(ACCELERATED, min_box_size=8) if quick else ACCELERATED
+    groups = [symmetry_group("D7").as_matrix(), symmetry_group("C7").as_matrix()]
+    rows = []
+    for snr in (0.01, 0.05):
+        data = make_dataset(_phantoms(d, 2), n, masks=WEDGE, snr=snr, max_shift=shift,
+                            random_state=1)
+        for mode, extra in (("exhaustive", {}), ("accelerated", accelerated)):
+            est = MissingDataMLClassifier(
+                2, angular_step=step, max_shift=shift, max_iter=iters, n_jobs=-1,
+                regularization=LinearDecay(5.0, 5), random_state=0, **extra,
+            )
+            start = time.perf_counter()
+            est.fit(data.volumes, masks=WEDGE)
+            seconds = time.perf_counter() - start
+            errors = classified_orientation_errors(
+                data.labels, est.labels_, data.rotations, est.rotations_, groups
+            )
+            rows.append({
+                "snr": snr, "mode": mode, "options": extra, "seconds": seconds,
+                "iterations": est.n_iter_,
+                "purity": class_purity(data.labels, est.labels_),
+                "median_orientation_error_deg": float(np.median(errors)),
+                "box_sizes": est.box_size_history_,
+                "refinement_start": est.refinement_start_,
+            })
+            print(json.dumps(rows[-1]), flush=True)
+    return {"setting": {"N": n, "K": 2, "D": d, "angular_step": step, "max_shift": shift,
+                        "max_iter": iters}, "rows": rows}
+
+
 _MEMORY_CHILD = r"""
 import sys
 import numpy as np
@@ -246,8 +290,19 @@ def _progress(err_path: Path) -> float:
 
 def write_results(results: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "speed.json").write_text(json.dumps(results, indent=2))
+    path = out / "speed.json"
+    if path.exists():
+        merged = json.loads(path.read_text())
+        merged.update(results)
+        results = merged
+    path.write_text(json.dumps(results, indent=2))
     (out / "speed.md").write_text(markdown(results))
+
+
+def _when(part: dict) -> str:
+    load = part.get("load", {})
+    return (f"Measured {part.get('date', '?')}; load average {load.get('start')} at the "
+            f"start, {load.get('end')} at the end.")
 
 
 def markdown(results: dict) -> str:
@@ -255,9 +310,9 @@ def markdown(results: dict) -> str:
     lines = [
         "# Speed and scale of the E-step",
         "",
-        f"{m['cpus']} CPU(s), {m['processor']}, Python {m['python']}; load average at "
-        f"start {m['load_start']}, at end {m['load_end']}. Every number below comes from "
-        "this one run.",
+        f"{m['cpus']} CPU(s), {m['processor']}, Python {m['python']}. The numbers of "
+        "each section come from one run of that part, all of them measured side by "
+        "side in it; the load average (1, 5, 15 min) at its start and end is given.",
         "",
     ]
     f = results.get("floor")
@@ -265,6 +320,8 @@ def markdown(results: dict) -> str:
         s = f["setting"]
         lines += [
             "## Exhaustive iteration against the FFT floor",
+            "",
+            _when(f),
             "",
             f"N = {s['N']}, K = {s['K']}, D = {s['D']}, {s['angular_step']} degrees "
             f"(R = {s['R']}), shifts up to {s['max_shift']} voxels, +-60 wedge, "
@@ -292,6 +349,8 @@ def markdown(results: dict) -> str:
         lines += [
             "## Scaling (one iteration, n_jobs = 1)",
             "",
+            _when(sc),
+            "",
             "| varied | sizes | seconds | time ratio / size ratio |",
             "|---|---|---|---|",
         ]
@@ -311,11 +370,37 @@ def markdown(results: dict) -> str:
         if "D" in sc:
             lines += ["", f"D: size ratio cubed {sc['D']['size_ratio_cubed']:.2f}."]
         lines.append("")
+    modes = results.get("modes")
+    if modes:
+        s = modes["setting"]
+        lines += [
+            "## Accelerated search against the exhaustive one",
+            "",
+            _when(modes),
+            "",
+            f"The whole run: N = {s['N']}, K = {s['K']}, D = {s['D']}, "
+            f"{s['angular_step']} degrees, shifts up to {s['max_shift']}, "
+            f"{s['max_iter']} iterations, same data and seed for both modes.",
+            "",
+            "| SNR | mode | seconds | iterations | purity | median orientation error (deg) "
+            "| boxes | local from |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for r in modes["rows"]:
+            boxes = sorted(set(r["box_sizes"]))
+            lines.append(
+                f"| {r['snr']} | {r['mode']} | {r['seconds']:.0f} | {r['iterations']} | "
+                f"{r['purity']:.3f} | {r['median_orientation_error_deg']:.1f} | "
+                f"{', '.join(map(str, boxes))} | {r['refinement_start']} |"
+            )
+        lines.append("")
     mem = results.get("memory")
     if mem:
         s = mem["setting"]
         lines += [
             "## Peak memory",
+            "",
+            _when(mem),
             "",
             f"N = {s['N']}, D = {s['D']}, K = {s['K']}, {s['angular_step']} degrees "
             f"(R = {s['R']}), shifts up to {s['max_shift']}, memory_budget "
@@ -335,8 +420,8 @@ def markdown(results: dict) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=RESULTS)
-    parser.add_argument("--parts", nargs="+", default=["floor", "scaling", "memory"],
-                        choices=["floor", "scaling", "memory"])
+    parser.add_argument("--parts", nargs="+", default=["floor", "scaling", "memory", "modes"],
+                        choices=["floor", "scaling", "memory", "modes"])
     parser.add_argument("--quick", action="store_true",
                         help="small sizes: checks the script, measures nothing of interest")
     parser.add_argument("--memory-limit", type=float, default=540.0,
@@ -345,20 +430,21 @@ def main(argv=None) -> int:
     results = {"machine": {
         "cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
         "python": platform.python_version(),
-        "load_start": [round(x, 2) for x in os.getloadavg()],
     }, "quick": args.quick}
-    if "floor" in args.parts:
-        results["floor"] = part_floor(args.quick)
-        print(json.dumps(results["floor"], indent=1), flush=True)
-    if "scaling" in args.parts:
-        results["scaling"] = part_scaling(args.quick)
-        print(json.dumps(results["scaling"], indent=1), flush=True)
-    if "memory" in args.parts:
-        results["memory"] = part_memory(args.quick, args.memory_limit)
-        print(json.dumps(results["memory"], indent=1), flush=True)
-    results["machine"]["load_end"] = [round(x, 2) for x in os.getloadavg()]
-    write_results(results, args.out)
-    print(markdown(results))
+    parts = {
+        "floor": lambda: part_floor(args.quick),
+        "scaling": lambda: part_scaling(args.quick),
+        "memory": lambda: part_memory(args.quick, args.memory_limit),
+        "modes": lambda: part_modes(args.quick),
+    }
+    for name in args.parts:
+        load = [round(x, 2) for x in os.getloadavg()]
+        results[name] = parts[name]()
+        results[name]["load"] = {"start": load, "end": [round(x, 2) for x in os.getloadavg()]}
+        results[name]["date"] = time.strftime("%Y-%m-%d %H:%M")
+        print(json.dumps(results[name], indent=1), flush=True)
+        write_results(results, args.out)
+    print((args.out / "speed.md").read_text())
     return 0
 
 
