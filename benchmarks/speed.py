@@ -15,8 +15,9 @@ floor
     from the estimator's per-iteration log line). Ratios: iteration / floor (one
     core) and n_jobs = 1 / n_jobs = 2.
 scaling
-    One iteration while one of N, K, R (explicit orientation sets) and D varies
-    around N = 100, K = 2, R = 300, D = 24, shifts up to 2, n_jobs = 1; for each, the
+    The fastest of three iterations while one of N, K, R (explicit orientation sets)
+    and D varies around N = 400, K = 2, R = 300, D = 24, shifts up to 2, n_jobs = 1;
+    for each, the
     time ratio between the largest and smallest size against the size ratio, and for
     N a fit t = a + b N (the per-orientation work, rotating references and rotating
     sums back, does not grow with N).
@@ -54,9 +55,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyfftw
 
 from mlsubtomo import LinearDecay, MissingDataMLClassifier, MissingWedge
-from mlsubtomo.fft import FFTBackend
 from mlsubtomo.kernel import chunk_plan
 from mlsubtomo.metrics import class_purity, classified_orientation_errors
 from mlsubtomo.sampling import so3_grid, symmetry_group
@@ -80,41 +81,53 @@ class _IterationTimes(logging.Handler):
             self.seconds.append(float(match.group(2)))
 
 
-def iteration_seconds(estimator, volumes) -> float:
-    """Seconds of the first EM iteration of ``estimator`` (max_iter = 1) on ``volumes``."""
+def iteration_seconds(estimator, volumes, iterations=1) -> float:
+    """Seconds of the fastest of the first EM ``iterations`` of ``estimator`` on ``volumes``.
+
+    The fastest rather than the mean: this machine's speed drifts by 20-40% from one
+    minute to the next (seen with identical settings), and drift only slows.
+    """
     logger = logging.getLogger("mlsubtomo")
     handler = _IterationTimes()
     logger.addHandler(handler)
     previous = logger.level
     logger.setLevel(logging.INFO)
     try:
-        estimator.set_params(max_iter=1).fit(volumes, masks=WEDGE)
+        estimator.set_params(max_iter=iterations, tol=0).fit(volumes, masks=WEDGE)
     finally:
         logger.removeHandler(handler)
         logger.setLevel(previous)
-    return handler.seconds[0]
+    return min(handler.seconds)
 
 
-def best_inverse_fft(d: int, batch: int = 64, repeats: int = 20) -> float:
-    """Best seconds per volume of a batched pyFFTW inverse real FFT on one thread."""
-    backend = FFTBackend("pyfftw", threads=1)
-    rng = np.random.default_rng(0)
-    spectra = backend.rfftn(rng.normal(size=(batch, d, d, d)).astype(np.float32))
-    out = np.empty((batch, d, d, d), dtype=np.float32)
-    out = _aligned_like(out)
-    backend.irfftn(spectra, d, out=out)
+def best_inverse_fft(d: int, repeats: int = 20) -> float:
+    """Best seconds per volume of a batched complex-to-real FFTW transform, one thread.
+
+    The bare FFTW execution (no copy, no scaling), the best over batches of 1, 8 and
+    64 volumes and the MEASURE and PATIENT planners: the strictest floor.
+    """
     best = np.inf
-    for _ in range(repeats):
-        start = time.perf_counter()
-        backend.irfftn(spectra, d, out=out)
-        best = min(best, time.perf_counter() - start)
-    return best / batch
+    for flag in ("FFTW_MEASURE", "FFTW_PATIENT"):
+        for batch in (1, 8, 64):
+            spectra = pyfftw.empty_aligned((batch, d, d, d // 2 + 1), dtype=np.complex64)
+            volumes = pyfftw.empty_aligned((batch, d, d, d), dtype=np.float32)
+            plan = pyfftw.FFTW(spectra, volumes, axes=(-3, -2, -1), direction="FFTW_BACKWARD",
+                               flags=(flag,), threads=1)
+            spectra[...] = np.random.default_rng(0).normal(size=spectra.shape)
+            for _ in range(repeats):
+                start = time.perf_counter()
+                plan.execute()
+                best = min(best, (time.perf_counter() - start) / batch)
+    return best
 
 
-def _aligned_like(a):
-    import pyfftw
-
-    return pyfftw.empty_aligned(a.shape, dtype=a.dtype)
+def _warm_up(k, d, step, shift, jobs):
+    """Build the FFT plans of an iteration's shapes, so the timed iteration has them."""
+    data = make_dataset(_phantoms(d, k), 8, masks=WEDGE, snr=0.05, random_state=9)
+    rotations = so3_grid(step).as_matrix()[:40]
+    MissingDataMLClassifier(
+        k, rotations=rotations, max_shift=shift, max_iter=1, n_jobs=jobs, random_state=0
+    ).fit(data.volumes, masks=WEDGE)
 
 
 def _phantoms(d: int, k: int):
@@ -132,6 +145,7 @@ def part_floor(quick: bool) -> dict:
     floor = n * k * rotations * t_fft
     times = {}
     for jobs in (1, 2):
+        _warm_up(k, d, step, shift, jobs)
         est = MissingDataMLClassifier(
             k, angular_step=step, max_shift=shift, n_jobs=jobs, random_state=0
         )
@@ -150,8 +164,10 @@ def part_floor(quick: bool) -> dict:
 
 
 def part_scaling(quick: bool) -> dict:
-    base = {"N": 100, "K": 2, "R": 300, "D": 24}
-    sizes = {"N": [50, 100, 200], "K": [1, 2, 4], "R": [150, 300, 600], "D": [16, 24, 32]}
+    # N from 400: a real data set's size, where the work per particle dominates the
+    # fixed work per (class, orientation); the affine fit separates the two.
+    base = {"N": 400, "K": 2, "R": 300, "D": 24}
+    sizes = {"N": [400, 800, 1600], "K": [1, 2, 4], "R": [150, 300, 600], "D": [16, 24, 32]}
     if quick:
         base = {"N": 20, "K": 2, "R": 40, "D": 12}
         sizes = {"N": [10, 20], "K": [1, 2], "R": [20, 40], "D": [12, 16]}
@@ -164,10 +180,11 @@ def part_scaling(quick: bool) -> dict:
             p = dict(base, **{name: value})
             data = make_dataset(_phantoms(p["D"], p["K"]), p["N"], masks=WEDGE, snr=0.05,
                                 max_shift=2, random_state=0)
+            _warm_up(p["K"], p["D"], 10.0, 2, 1)
             est = MissingDataMLClassifier(
                 p["K"], rotations=grid[pick[: p["R"]]], max_shift=2, n_jobs=1, random_state=0
             )
-            rows.append({"size": value, "seconds": iteration_seconds(est, data.volumes)})
+            rows.append({"size": value, "seconds": iteration_seconds(est, data.volumes, 3)})
         small, large = rows[0], rows[-1]
         size_ratio = large["size"] / small["size"]
         time_ratio = large["seconds"] / small["seconds"]
@@ -329,7 +346,8 @@ def markdown(results: dict) -> str:
             "",
             "| quantity | value |",
             "|---|---|",
-            f"| best batched inverse FFT, one core | {f['inverse_fft_seconds'] * 1e6:.1f} us |",
+            f"| best batched inverse FFT (bare FFTW c2r), one core | "
+            f"{f['inverse_fft_seconds'] * 1e6:.1f} us |",
             f"| FFT floor N K R t | {f['floor_seconds']:.1f} s |",
             f"| iteration, n_jobs = 1 | {f['iteration_seconds_n_jobs_1']:.1f} s |",
             f"| iteration, n_jobs = 2 | {f['iteration_seconds_n_jobs_2']:.1f} s |",
@@ -347,14 +365,15 @@ def markdown(results: dict) -> str:
     sc = results.get("scaling")
     if sc:
         lines += [
-            "## Scaling (one iteration, n_jobs = 1)",
+            "## Scaling (fastest of three iterations, n_jobs = 1)",
             "",
             _when(sc),
             "",
             "| varied | sizes | seconds | time ratio / size ratio |",
             "|---|---|---|---|",
         ]
-        for name, e in sc.items():
+        for name in ("N", "K", "R", "D"):
+            e = sc[name]
             sizes = ", ".join(str(r["size"]) for r in e["rows"])
             secs = ", ".join(f"{r['seconds']:.2f}" for r in e["rows"])
             lines.append(f"| {name} | {sizes} | {secs} | {e['time_ratio_over_size_ratio']:.2f} |")

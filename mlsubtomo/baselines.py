@@ -162,13 +162,7 @@ class ConstrainedCCClassifier(_SubtomogramClassifier):
         self.class_weights_ = np.full(k, 1.0 / k)
         schedule = check_schedule(self.regularization)
         grid = self._orientation_grid()
-        run = {
-            "iteration": 0,
-            "history": [],
-            "labels": None,
-            "rotations": init_rotations,
-            "converged": False,
-        }
+        run = self._new_run(init_rotations, "history")
         fingerprint, run = self._resume_run(data, settings, init_rotations, init_shifts, rng, run)
         self.correlation_history_ = run["history"]
         self.converged_ = run["converged"]

@@ -290,16 +290,25 @@ class _SubtomogramClassifier(BaseEstimator):
         "max_iter", "tol", "n_jobs", "memory_budget", "verbose", "checkpoint_path", "resume"
     )
 
+    @staticmethod
+    def _new_run(init_rotations, *histories):
+        """The state of a run before its first iteration (what a checkpoint saves)."""
+        run = {"iteration": 0, "labels": None, "rotations": init_rotations, "converged": False}
+        run.update({name: [] for name in histories})
+        return run
+
     def _resume_run(self, data, settings, init_rotations, init_shifts, rng, run):
         """The inputs' fingerprint, and the run to go on with: the checkpoint's, or ``run``.
 
         With ``resume`` and an existing checkpoint, the model state of ``_MODEL_STATE``
         and the random state are restored from it.
         """
+        if self.checkpoint_path is None:
+            return None, run
         fingerprint = _fingerprint(
             data.data, data.group, repr(settings.masks), init_rotations, init_shifts
         )
-        if self.resume and self.checkpoint_path is not None:
+        if self.resume:
             run = self._load_checkpoint(fingerprint, rng, run)
         return fingerprint, run
 
@@ -630,17 +639,10 @@ class MissingDataMLClassifier(DensityMixin, _SubtomogramClassifier):
             self._initialize(data, settings, rng)
         schedule = check_schedule(self.regularization)
         grid = self._orientation_grid()
-        run = {
-            "iteration": 0,
-            "history": [],
-            "sigma_history": [],
-            "weights_history": [],
-            "box_history": [],
-            "labels": None,
-            "best_rotations": None,
-            "rotations": init_rotations,
-            "converged": False,
-        }
+        run = self._new_run(
+            init_rotations, "history", "sigma_history", "weights_history", "box_history"
+        )
+        run["best_rotations"] = None
         fingerprint, run = self._resume_run(data, settings, init_rotations, init_shifts, rng, run)
         self.log_likelihood_history_ = run["history"]
         self.sigma_history_ = run["sigma_history"]
@@ -885,7 +887,12 @@ def _fingerprint(*arrays) -> str:
     """A digest of the inputs, so a checkpoint is only resumed on the data it came from."""
     digest = hashlib.sha256()
     for a in arrays:
-        digest.update(pickle.dumps(a if not isinstance(a, np.ndarray) else a.tobytes()))
+        if isinstance(a, np.ndarray):
+            # The array's own memory: no copy of data that may be gigabytes.
+            digest.update(repr((a.shape, a.dtype.str)).encode())
+            digest.update(np.ascontiguousarray(a).reshape(-1).view(np.uint8))
+        else:
+            digest.update(pickle.dumps(a))
     return digest.hexdigest()
 
 
