@@ -428,8 +428,8 @@ class MissingDataMLClassifier(DensityMixin, _SubtomogramClassifier):
         their full-box voxel units. None: always the full box.
     local_refinement : float, default=None
         Once the global search has settled (no regularisation left, and either
-        converged by ``tol`` or fewer than 1% of the particles changing class with
-        a mean orientation change below ``angular_step``), search only the grid
+        converged by ``tol`` or fewer than 1% of the particles changing class in
+        two consecutive iterations), search only the grid
         orientations within this angle (degrees) of each particle's current best
         one, until that converges too or ``max_iter`` is reached.
     max_iter : int, default=40
@@ -682,10 +682,12 @@ class MissingDataMLClassifier(DensityMixin, _SubtomogramClassifier):
                 change = (self.log_likelihood_history_[-1] - self.log_likelihood_history_[-2]) / n
                 self.converged_ = bool(abs(change) < self.tol)
             run["crop"] = crop
+            # Orientation changes are left out: between symmetry mates of a symmetric
+            # particle searched in C1 they stay large however settled the run is.
+            run["calm"] = run.get("calm", 0) + 1 if changes[0] < 0.01 else 0
             if (
                 self.local_refinement is not None and run.get("refining") is None
-                and schedule(iteration) == 0
-                and (self.converged_ or (changes[0] < 0.01 and changes[1] < self.angular_step))
+                and schedule(iteration) == 0 and (self.converged_ or run["calm"] >= 2)
             ):
                 run.update(refining=iteration + 1, rotations=result.rotations)
                 self.converged_ = False
