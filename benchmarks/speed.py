@@ -412,7 +412,9 @@ def markdown(results: dict) -> str:
             "",
             f"The whole run: N = {s['N']}, K = {s['K']}, D = {s['D']}, "
             f"{s['angular_step']} degrees, shifts up to {s['max_shift']}, "
-            f"{s['max_iter']} iterations, same data and seed for both modes."
+            f"{s['max_iter']} iterations, same data and seed for both modes"
+            + ("." if {r["mode"] for r in modes["rows"]} == {"accelerated", "exhaustive"}
+               else "; only the modes listed were run.")
             + ("" if modes.get("complete", True) else
                " Incomplete: the run had done only these rows when it was stopped."),
             "",
