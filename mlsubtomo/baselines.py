@@ -57,13 +57,11 @@ class ConstrainedCCClassifier(_SubtomogramClassifier):
     random_state : int, RandomState or None, default=None
     verbose : int, default=0
     checkpoint_path : str or path, default=None
-        After every iteration, write the state of the run to this file (atomically:
-        a half-written checkpoint never replaces a complete one).
+        As in :class:`~mlsubtomo.estimator.MissingDataMLClassifier`: the state of the
+        run is written atomically after every iteration.
     resume : bool, default=False
-        If ``checkpoint_path`` exists, continue the run it holds from its last
-        complete iteration; the result equals that of an uninterrupted run. The
-        checkpoint must come from the same data and hyper-parameters (``max_iter``,
-        ``tol``, ``n_jobs``, ``verbose`` and the checkpoint options may differ).
+        As in :class:`~mlsubtomo.estimator.MissingDataMLClassifier`: continue from the
+        checkpoint's last complete iteration, to the result of an uninterrupted run.
 
     Attributes
     ----------

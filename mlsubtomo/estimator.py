@@ -211,11 +211,10 @@ class _SubtomogramClassifier(BaseEstimator):
         results = []
         with _progress(n, self.verbose) as bar:
             for _, c in chunks:
-                part = data.subset(c, None if candidates is None else candidates[c])
-                share = len(c)
+                part, size = data.subset(c, None if candidates is None else candidates[c]), len(c)
                 results.append(function(
                     part, model, search, settings, transforms=transforms,
-                    progress=lambda fraction, share=share: bar.update(fraction * share),
+                    progress=lambda fraction, size=size: bar.update(fraction * size),
                     **kwargs,
                 ))
         order = np.argsort(np.concatenate([c for _, c in chunks]))
@@ -678,10 +677,10 @@ class MissingDataMLClassifier(DensityMixin, _SubtomogramClassifier):
                 self._crop_size = self._grown_crop(halves)
             run["labels"], run["best_rotations"] = labels, result.rotations
             # Log-likelihoods of different crops cover different components.
-            if iteration > 0 and run.get("crop") == crop:
+            boxes = self.box_size_history_
+            if len(boxes) > 1 and boxes[-2] == boxes[-1]:
                 change = (self.log_likelihood_history_[-1] - self.log_likelihood_history_[-2]) / n
                 self.converged_ = bool(abs(change) < self.tol)
-            run["crop"] = crop
             # Orientation changes are left out: between symmetry mates of a symmetric
             # particle searched in C1 they stay large however settled the run is.
             run["calm"] = run.get("calm", 0) + 1 if changes[0] < 0.01 else 0
@@ -931,10 +930,7 @@ def _check_volumes(X) -> np.ndarray:
     X = np.asarray(X)
     if np.iscomplexobj(X):
         raise ValueError("Complex data not supported: X must hold real numbers")
-    if X.dtype == object or not (
-        np.issubdtype(X.dtype, np.floating) or np.issubdtype(X.dtype, np.integer)
-    ):
-        raise ValueError(f"X must hold real numbers, got dtype {X.dtype}")
+    _check_real_dtype(X, "X")
     if X.ndim != 4:
         raise ValueError(
             f"X must be a stack of volumes with shape (N, D, D, D), got {X.ndim} dimensions "
@@ -961,6 +957,13 @@ def _check_volumes(X) -> np.ndarray:
     return np.ascontiguousarray(X, dtype=np.float32)
 
 
+def _check_real_dtype(array, name):
+    if array.dtype == object or not (
+        np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)
+    ):
+        raise ValueError(f"{name} must hold real numbers, got dtype {array.dtype}")
+
+
 def _check_references(references, n_classes, box_size):
     """Raise unless ``references`` are K finite real volumes of the data's box size."""
     expected = (n_classes, box_size, box_size, box_size)
@@ -968,10 +971,7 @@ def _check_references(references, n_classes, box_size):
         refs = np.asarray(references)
     except ValueError as exc:  # ragged nested sequences
         raise ValueError(f"init_references must be an array of shape {expected}: {exc}") from None
-    if refs.dtype == object or not (
-        np.issubdtype(refs.dtype, np.floating) or np.issubdtype(refs.dtype, np.integer)
-    ):
-        raise ValueError(f"init_references must hold real numbers, got dtype {refs.dtype}")
+    _check_real_dtype(refs, "init_references")
     if refs.shape != expected:
         raise ValueError(
             f"init_references must have shape (n_classes, D, D, D) = {expected}, got "

@@ -291,7 +291,6 @@ def prepare_particles(
     """
     d, n = volumes.shape[-1], volumes.shape[0]
     backend = FFTBackend(settings.fft_backend, settings.threads)
-    multiplicity = hermitian_multiplicity(d)
     group = np.asarray(group)
     data = np.empty((n, *half_grid_shape(d)), dtype=np.complex64)
     power = np.empty(n)
@@ -305,11 +304,19 @@ def prepare_particles(
         block = data[s : s + step]
         block[...] = backend.rfftn(centre_for_fft(part))
         block *= settings.mask_arrays[group[s : s + step]]
-        power[s : s + step] = np.einsum(
-            "nzyx,x->n", np.abs(block).astype(np.float64) ** 2, multiplicity
-        )
-    counts = np.einsum("gzyx,x->g", settings.mask_arrays.astype(np.float64), multiplicity)
+        power[s : s + step] = _full_grid_power(block)
+    counts = _full_grid_power(settings.mask_arrays)
     return ParticleChunk(data, power, counts[group], group)
+
+
+def _full_grid_power(half_grids: np.ndarray) -> np.ndarray:
+    """``sum |a|^2`` over the full grid of each half grid in a stack (float64).
+
+    For boolean observed sets this is their size n_i.
+    """
+    d = half_grids.shape[-2]
+    squares = np.abs(half_grids).astype(np.float64) ** 2
+    return np.einsum("nzyx,x->n", squares, hermitian_multiplicity(d))
 
 
 def crop_index(box_size: int, crop_size: int) -> tuple:
@@ -363,10 +370,10 @@ def crop_problem(chunk: ParticleChunk, settings: KernelSettings, crop_size: int)
     ball = crop_ball(crop_size)
     arrays = settings.mask_arrays[(slice(None), *index)] & ball
     data = chunk.data[(slice(None), *index)] * ball
-    multiplicity = hermitian_multiplicity(crop_size)
-    power = np.einsum("nzyx,x->n", np.abs(data).astype(np.float64) ** 2, multiplicity)
-    counts = np.einsum("gzyx,x->g", arrays.astype(np.float64), multiplicity)
-    cropped = ParticleChunk(data, power, counts[chunk.group], chunk.group, chunk.candidates)
+    counts = _full_grid_power(arrays)
+    cropped = ParticleChunk(
+        data, _full_grid_power(data), counts[chunk.group], chunk.group, chunk.candidates
+    )
     masks = [_CroppedMask(m, d, crop_size, settings.max_resolution) for m in settings.masks]
     return cropped, dataclasses.replace(
         settings, masks=masks, mask_arrays=arrays, shift_period=d
@@ -637,7 +644,11 @@ class _Scorer:
         particles, local = np.nonzero(candidates)
         for batch in _batches(len(particles), self.batch):
             p, r = particles[batch], local[batch]
-            yield p, r, self.shift_sums.cross(data[p] * conj_transforms[r])
+            yield p, r, self.gathered_cross(p, r, conj_transforms)
+
+    def gathered_cross(self, particles, local, conj_transforms):
+        """Cross terms of the pairs (particles[j], conj_transforms[local[j]])."""
+        return self.shift_sums.cross(self.chunk.data[particles] * conj_transforms[local])
 
     def correlations(self, particles, cross, power):
         """Constrained cross-correlation over O_j for every shift (reference section 4b).
@@ -928,10 +939,11 @@ def _accumulate_block(chunk, model, search, settings, first, kept, log_norm, tra
     stats = SufficientStatistics.zeros(n_classes, half_grid_shape(d))
     if not kept.any():
         return stats
-    rotated = power = None
+    conj = power = None
     if first.relative is None:
         rotated = _block_transforms(model, search, settings, transforms, block)
         power = scorer.masked_power(rotated)
+        conj = np.conj(rotated)
     sums = np.zeros((n_classes, len(block), *half_grid_shape(d)), dtype=np.complex128)
     mass = np.zeros((len(settings.masks), n_classes, len(block)))
     shift_sq = np.sum(search.shifts.astype(np.float64) ** 2, axis=1)
@@ -940,7 +952,7 @@ def _accumulate_block(chunk, model, search, settings, first, kept, log_norm, tra
         for batch in _batches(len(particles), scorer.batch):
             p, r = particles[batch], local[batch]
             if first.relative is None:
-                cross = scorer.shift_sums.cross(chunk.data[p] * np.conj(rotated[k, r]))
+                cross = scorer.gathered_cross(p, r, conj[k])
                 score, residual = scorer.scores(k, p, cross, power[chunk.group[p], k, r])
             else:
                 score = first.relative[p, k, r] + first.pair_max[p, k, r][:, None]
