@@ -201,36 +201,46 @@ def part_scaling(quick: bool) -> dict:
 
 
 ACCELERATED = {"min_box_size": 16, "local_refinement": 30.0}
+MODES = {"exhaustive": {}, "accelerated": ACCELERATED}
 
 
-def part_modes(quick: bool, save, modes=("accelerated", "exhaustive")) -> dict:
+def part_modes(quick: bool, save, modes=("accelerated", "exhaustive"), n_jobs=-1,
+               previous=()) -> dict:
+    """Whole runs of each mode; rows of other modes in ``previous`` are kept."""
     n, d, step, shift, iters = (40, 16, 45.0, 1, 6) if quick else (200, 32, 15.0, 3, 40)
-    accelerated = dict(ACCELERATED, min_box_size=8) if quick else ACCELERATED
     groups = [symmetry_group("D7").as_matrix(), symmetry_group("C7").as_matrix()]
     # The estimator's line per iteration shows how far an hour-long run has got.
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    rows = []
+    rows = [r for r in previous if r["mode"] not in modes]
     setting = {"N": n, "K": 2, "D": d, "angular_step": step, "max_shift": shift,
                "max_iter": iters}
     for snr in (0.05, 0.01):
         data = make_dataset(_phantoms(d, 2), n, masks=WEDGE, snr=snr, max_shift=shift,
                             random_state=1)
-        for mode, extra in (("accelerated", accelerated), ("exhaustive", {})):
-            if mode not in modes:
-                continue
+        for mode in modes:
+            extra = dict(MODES[mode])
+            if quick and "min_box_size" in extra:
+                extra["min_box_size"] = 8
             est = MissingDataMLClassifier(
-                2, angular_step=step, max_shift=shift, max_iter=iters, n_jobs=-1,
+                2, angular_step=step, max_shift=shift, max_iter=iters, n_jobs=n_jobs,
                 regularization=LinearDecay(5.0, 5), random_state=0, **extra,
             )
+            handler = _IterationTimes()
+            logging.getLogger("mlsubtomo").addHandler(handler)
             start = time.perf_counter()
-            est.fit(data.volumes, masks=WEDGE)
+            try:
+                est.fit(data.volumes, masks=WEDGE)
+            finally:
+                logging.getLogger("mlsubtomo").removeHandler(handler)
             seconds = time.perf_counter() - start
             errors = classified_orientation_errors(
                 data.labels, est.labels_, data.rotations, est.rotations_, groups
             )
             rows.append({
                 "snr": snr, "mode": mode, "options": extra, "seconds": seconds,
-                "iterations": est.n_iter_,
+                "n_jobs": n_jobs, "date": time.strftime("%Y-%m-%d %H:%M"),
+                "load_end": [round(x, 2) for x in os.getloadavg()],
+                "iterations": est.n_iter_, "iteration_seconds": handler.seconds,
                 "purity": class_purity(data.labels, est.labels_),
                 "median_orientation_error_deg": float(np.median(errors)),
                 "box_sizes": est.box_size_history_,
@@ -323,6 +333,13 @@ def write_results(results: dict, out: Path) -> None:
     (out / "speed.md").write_text(markdown(results))
 
 
+def _previous_rows(out: Path) -> list:
+    path = out / "speed.json"
+    if not path.exists():
+        return []
+    return json.loads(path.read_text()).get("modes", {}).get("rows", [])
+
+
 def _when(part: dict) -> str:
     load = part.get("load", {})
     return (f"Measured {part.get('date', '?')}; load average {load.get('start')} at the "
@@ -412,22 +429,24 @@ def markdown(results: dict) -> str:
             "",
             f"The whole run: N = {s['N']}, K = {s['K']}, D = {s['D']}, "
             f"{s['angular_step']} degrees, shifts up to {s['max_shift']}, "
-            f"{s['max_iter']} iterations, same data and seed for both modes"
-            + ("." if {r["mode"] for r in modes["rows"]} == {"accelerated", "exhaustive"}
-               else "; only the modes listed were run.")
+            f"{s['max_iter']} iterations, same data and seed for every mode. "
+            "Rows may come from different runs of the part (see the last column)."
             + ("" if modes.get("complete", True) else
                " Incomplete: the run had done only these rows when it was stopped."),
             "",
-            "| SNR | mode | seconds | iterations | purity | median orientation error (deg) "
-            "| boxes | local from |",
-            "|---|---|---|---|---|---|---|---|",
+            "| SNR | mode | n_jobs | seconds | iterations | mean iteration (s) | purity "
+            "| median orientation error (deg) | boxes | local from | measured |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
-        for r in modes["rows"]:
+        for r in sorted(modes["rows"], key=lambda r: (-r["snr"], r["mode"])):
             boxes = sorted(set(r["box_sizes"]))
+            times = r.get("iteration_seconds")
+            per_iteration = np.mean(times) if times else np.nan
             lines.append(
-                f"| {r['snr']} | {r['mode']} | {r['seconds']:.0f} | {r['iterations']} | "
-                f"{r['purity']:.3f} | {r['median_orientation_error_deg']:.1f} | "
-                f"{', '.join(map(str, boxes))} | {r['refinement_start']} |"
+                f"| {r['snr']} | {r['mode']} | {r.get('n_jobs', -1)} | {r['seconds']:.0f} | "
+                f"{r['iterations']} | {per_iteration:.1f} | {r['purity']:.3f} | "
+                f"{r['median_orientation_error_deg']:.1f} | {', '.join(map(str, boxes))} | "
+                f"{r['refinement_start']} | {r.get('date', modes.get('date', '?'))} |"
             )
         lines.append("")
     mem = results.get("memory")
@@ -460,9 +479,11 @@ def main(argv=None) -> int:
                         choices=["floor", "scaling", "memory", "modes"])
     parser.add_argument("--quick", action="store_true",
                         help="small sizes: checks the script, measures nothing of interest")
-    parser.add_argument("--modes", nargs="+", default=["accelerated", "exhaustive"],
-                        choices=["accelerated", "exhaustive"],
-                        help="which searches the modes part runs")
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES),
+                        help="which searches the modes part runs; rows of the others "
+                        "already in the results are kept")
+    parser.add_argument("--n-jobs", type=int, default=-1,
+                        help="n_jobs of the modes part's runs")
     parser.add_argument("--memory-limit", type=float, default=540.0,
                         help="seconds the memory child may run")
     args = parser.parse_args(argv)
@@ -476,7 +497,7 @@ def main(argv=None) -> int:
         "memory": lambda: part_memory(args.quick, args.memory_limit),
         "modes": lambda: part_modes(
             args.quick, lambda part: write_results({**results, "modes": part}, args.out),
-            args.modes,
+            args.modes, args.n_jobs, _previous_rows(args.out),
         ),
     }
     for name in args.parts:
