@@ -27,7 +27,13 @@ from .fft import half_grid_shape
 from .masks import ArrayMask, FullData, Mask
 from .metrics import fsc
 from .regularization import check_schedule, pairwise_squared_distances, penalised_update
-from .sampling import perturb, so3_grid, symmetry_group
+from .sampling import (
+    local_neighbourhood,
+    nearest_grid_index,
+    perturb,
+    so3_grid,
+    symmetry_group,
+)
 from .stats import SufficientStatistics
 from .transform import euler_from_matrix, rotate_volume
 
@@ -175,7 +181,7 @@ class _SubtomogramClassifier(BaseEstimator):
 
     def _run_kernel(
         self, function, data, model, search, current_rotations, settings, halves=False,
-        local=None, **kwargs,
+        local=None, candidates=None, **kwargs,
     ):
         """Run a kernel function over particle chunks sized by ``memory_budget``.
 
@@ -185,14 +191,13 @@ class _SubtomogramClassifier(BaseEstimator):
         results and the statistics of the particles (one entry), or with ``halves``
         of the even- and odd-numbered particles separately (two entries).
         ``local`` (degrees) searches around ``current_rotations`` as ``local_search``
-        does.
+        does; ``candidates`` (n, R) or (n, K, R), when given, are searched instead.
         """
         n = len(data)
         local = self.local_search if local is None else local
-        candidates = None
-        if not self.align:
+        if candidates is None and not self.align:
             candidates = np.eye(n, dtype=bool)
-        elif local is not None:
+        elif candidates is None and local is not None:
             candidates = kernel.local_candidates(search.rotations, current_rotations, local)
         size, keep_scores, share = kernel.chunk_plan(
             n, model.references.shape[0], len(search.rotations), len(search.shifts),
@@ -430,7 +435,15 @@ class MissingDataMLClassifier(DensityMixin, _SubtomogramClassifier):
         converged by ``tol`` or fewer than 1% of the particles changing class in
         two consecutive iterations), search only the grid
         orientations within this angle (degrees) of each particle's current best
-        one, until that converges too or ``max_iter`` is reached.
+        one, until that converges too or ``max_iter`` is reached. Each particle
+        then searches only the classes holding at least ``pruning_threshold`` of
+        its best class posterior in the iteration before.
+    coarse_step : float, default=None
+        Coarse-to-fine global search: each E-step first scores the grid orientations
+        nearest to a grid of this step (degrees), then, per particle and class, the
+        grid orientations within ``coarse_step`` of every coarse one holding at
+        least ``pruning_threshold`` of the class's best coarse posterior. None (or
+        ``pruning_threshold=0``): every orientation is searched.
     max_iter : int, default=40
         Number of EM iterations at most.
     tol : float, default=1e-5
@@ -525,6 +538,7 @@ class MissingDataMLClassifier(DensityMixin, _SubtomogramClassifier):
         local_search=None,
         min_box_size=None,
         local_refinement=None,
+        coarse_step=None,
         max_iter=40,
         tol=1e-5,
         pruning_threshold=1e-8,
@@ -559,6 +573,7 @@ class MissingDataMLClassifier(DensityMixin, _SubtomogramClassifier):
         self.local_search = local_search
         self.min_box_size = min_box_size
         self.local_refinement = local_refinement
+        self.coarse_step = coarse_step
         self.max_iter = max_iter
         self.tol = tol
         self.pruning_threshold = pruning_threshold
@@ -591,6 +606,8 @@ class MissingDataMLClassifier(DensityMixin, _SubtomogramClassifier):
                 raise ValueError(f"min_box_size must be even, got {self.min_box_size}")
         if self.local_refinement is not None:
             _check_real(self, "local_refinement", 0.0, 180.0, low_open=True)
+        if self.coarse_step is not None:
+            _check_real(self, "coarse_step", 0.0, 180.0, low_open=True)
 
     def _prepare_fit(self, X, masks, init_rotations, init_shifts):
         prepared = super()._prepare_fit(X, masks, init_rotations, init_shifts)
@@ -660,7 +677,8 @@ class MissingDataMLClassifier(DensityMixin, _SubtomogramClassifier):
             crop = self._crop_size
             local = self.local_refinement if run.get("refining") is not None else None
             stats, result, halves = self._e_step(
-                data, settings, rotations, run["rotations"], True, local
+                data, settings, rotations, run["rotations"], True, local,
+                run.get("classes") if local is not None else None,
             )
             self.log_likelihood_history_.append(stats.log_likelihood)
             labels = np.argmax(result.class_log_posterior, axis=1)
@@ -676,6 +694,7 @@ class MissingDataMLClassifier(DensityMixin, _SubtomogramClassifier):
             if halves is not None:
                 self._crop_size = self._grown_crop(halves)
             run["labels"], run["best_rotations"] = labels, result.rotations
+            run["classes"] = self._significant_classes(result.class_log_posterior)
             # Log-likelihoods of different crops cover different components.
             boxes = self.box_size_history_
             if len(boxes) > 1 and boxes[-2] == boxes[-1]:
@@ -698,7 +717,10 @@ class MissingDataMLClassifier(DensityMixin, _SubtomogramClassifier):
         current_rotations = run["rotations"]
         local = self.local_refinement if run.get("refining") is not None else None
         self.refinement_start_ = run.get("refining")
-        _, result, _ = self._e_step(data, settings, grid, current_rotations, False, local)
+        _, result, _ = self._e_step(
+            data, settings, grid, current_rotations, False, local,
+            run.get("classes") if local is not None else None,
+        )
         self.log_likelihood_history_.append(float(np.sum(result.log_likelihood)))
         self.lower_bound_ = self.log_likelihood_history_[-1]
         self.labels_ = np.argmax(result.class_log_posterior, axis=1)
@@ -734,22 +756,40 @@ class MissingDataMLClassifier(DensityMixin, _SubtomogramClassifier):
         refs = kernel.to_real(self._references_hat[index], crop, self.fft_backend)
         return kernel.Model(refs, log_weights, self.sigma_)
 
-    def _e_step(self, data, settings, rotations, current_rotations, accumulate, local=None):
+    def _e_step(
+        self, data, settings, rotations, current_rotations, accumulate, local=None, classes=None
+    ):
         """Scores, posteriors and (optionally) statistics for all particles.
 
-        In a Fourier crop the statistics are returned on the full half grid (zero
-        outside the crop), with the cropped ones of the two half sets.
+        ``local`` (degrees) searches near ``current_rotations``, and only the
+        ``classes`` (n, K) bool of each particle when given; a global search is
+        coarse-to-fine with ``coarse_step``. In a Fourier crop the statistics are
+        returned on the full half grid (zero outside the crop), with the cropped
+        ones of the two half sets.
         """
         shifts, log_prior = kernel.shift_window(self._shift_limit(self.xi_), self.xi_)
+        rotations = self._search_rotations(rotations, current_rotations)
+        # Pruned searches keep the prior of the whole grid, as xmipp keeps 1/Nang.
         search = kernel.SearchSpace(
-            self._search_rotations(rotations, current_rotations), shifts, log_prior
+            rotations, shifts, log_prior, -np.log(len(rotations)) if self.align else None
         )
         cropped = self._crop_size < self._box_size
         if cropped:
             data, settings = kernel.crop_problem(data, settings, self._crop_size)
+        model = self._model()
+        candidates = None
+        if local is not None and classes is not None:
+            near = kernel.local_candidates(rotations, current_rotations, local)
+            candidates = near[:, None, :] & classes[:, :, None]
+        elif (
+            local is None and self.local_search is None and self.align
+            and self.coarse_step is not None and self.pruning_threshold > 0
+        ):
+            candidates = self._coarse_candidates(data, model, search, settings)
         result, parts = self._run_kernel(
-            kernel.e_step, data, self._model(), search, current_rotations, settings,
-            halves=cropped and accumulate, local=local, accumulate=accumulate,
+            kernel.e_step, data, model, search, current_rotations, settings,
+            halves=cropped and accumulate, local=local, candidates=candidates,
+            accumulate=accumulate,
         )
         if not accumulate:
             return None, result, None
@@ -758,6 +798,39 @@ class MissingDataMLClassifier(DensityMixin, _SubtomogramClassifier):
             stats = stats.embedded(kernel.crop_index(self._box_size, self._crop_size),
                                    half_grid_shape(self._box_size))
         return stats, result, parts if cropped else None
+
+    def _significant_classes(self, class_log_posterior):
+        """(n, K) bool: classes holding at least ``pruning_threshold`` of each
+        particle's best class posterior."""
+        best = np.max(class_log_posterior, axis=1, keepdims=True)
+        with np.errstate(divide="ignore"):
+            return class_log_posterior >= best + np.log(self.pruning_threshold)
+
+    def _coarse_candidates(self, data, model, search, settings):
+        """Where the fine search looks: (n, K, R) bool.
+
+        The orientations of the grid nearest to a grid of ``coarse_step`` are scored
+        first; in each class, those holding at least ``pruning_threshold`` of the
+        class's best coarse posterior, and every grid orientation within
+        ``coarse_step`` of them, are searched.
+        """
+        grid = Rotation.from_matrix(search.rotations)
+        index = np.unique(
+            nearest_grid_index(grid, so3_grid(self.coarse_step, self.symmetry), self.symmetry)
+        )
+        coarse = dataclasses.replace(search, rotations=search.rotations[index])
+        result, _ = self._run_kernel(
+            kernel.e_step, data, model, coarse, None, settings, accumulate=False,
+            keep_pairs=True,
+        )
+        mass = result.pair_log_mass
+        with np.errstate(divide="ignore"):
+            floor = np.max(mass, axis=2, keepdims=True) + np.log(self.pruning_threshold)
+        chosen = np.isfinite(mass) & (mass >= floor)
+        near = local_neighbourhood(grid, grid[index], self.coarse_step, self.symmetry)
+        n, k, m = chosen.shape
+        reached = chosen.reshape(n * k, m).astype(np.float32) @ near.astype(np.float32)
+        return reached.reshape(n, k, -1) > 0
 
     def _m_step(self, stats: SufficientStatistics, theta: float) -> None:
         """Update the model from the sufficient statistics (design section 2b)."""

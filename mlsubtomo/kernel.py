@@ -40,7 +40,7 @@ from threadpoolctl import threadpool_limits
 from .fft import FFTBackend, frequency_grid, half_grid_shape, hermitian_multiplicity
 from .masks import FullData
 from .stats import SufficientStatistics
-from .transform import centre_for_fft, rotate_volume, shift_volume, uncentre_from_fft
+from .transform import centre_for_fft, rotate_centred, shift_volume, uncentre_from_fft
 
 __all__ = [
     "ChunkResult",
@@ -102,11 +102,16 @@ class SearchSpace:
         Integer shifts (x, y, z) in voxels.
     log_shift_prior : ndarray of shape (T,)
         log pi(t), normalised over ``shifts``.
+    log_orientation_prior : float or None
+        log pi(R) of every orientation, e.g. ``-log`` of the size of the grid that
+        a pruned search stands for (xmipp keeps 1/Nang under local searches).
+        None: uniform over the orientations each particle searches.
     """
 
     rotations: np.ndarray
     shifts: np.ndarray
     log_shift_prior: np.ndarray
+    log_orientation_prior: float | None = None
 
 
 @dataclass
@@ -123,8 +128,9 @@ class ParticleChunk:
         n_i = |O_i| on the full grid.
     group : ndarray of shape (n,), int
         Index of each particle's mask in ``KernelSettings.masks``.
-    candidates : ndarray of shape (n, R), bool, or None
-        Orientations searched for each particle; None searches all.
+    candidates : ndarray of shape (n, R) or (n, K, R), bool, or None
+        Orientations searched for each particle (in every class, or per class);
+        None searches all.
     """
 
     data: np.ndarray
@@ -211,6 +217,9 @@ class ChunkResult:
     statistics : SufficientStatistics or None
     rotations : ndarray of shape (n, 3, 3) or None
         The matrices of ``best_rotation``, filled in by the caller.
+    pair_log_mass : ndarray of shape (n, K, R) or None
+        log of the unnormalised posterior mass of each (class, orientation) summed
+        over shifts (-inf where not searched), when :func:`e_step` keeps it.
     """
 
     log_likelihood: np.ndarray
@@ -221,23 +230,27 @@ class ChunkResult:
     max_posterior: np.ndarray
     statistics: SufficientStatistics | None = field(default=None)
     rotations: np.ndarray | None = field(default=None)
+    pair_log_mass: np.ndarray | None = field(default=None)
 
     _PER_PARTICLE = (
         "log_likelihood", "class_log_posterior", "best_class", "best_rotation",
         "best_shift", "max_posterior",
     )
 
+    def _fields(self):
+        return self._PER_PARTICLE + (("pair_log_mass",) if self.pair_log_mass is not None else ())
+
     @classmethod
     def concatenate(cls, results: list[ChunkResult]) -> ChunkResult:
         """Per-particle results of consecutive chunks joined (statistics left out)."""
         return cls(**{
             name: np.concatenate([getattr(r, name) for r in results])
-            for name in cls._PER_PARTICLE
+            for name in results[0]._fields()
         })
 
     def take(self, index: np.ndarray) -> ChunkResult:
         """The per-particle results of the particles at ``index`` (statistics left out)."""
-        return ChunkResult(**{name: getattr(self, name)[index] for name in self._PER_PARTICLE})
+        return ChunkResult(**{name: getattr(self, name)[index] for name in self._fields()})
 
 
 def logsumexp(a: np.ndarray, axis) -> np.ndarray:
@@ -435,16 +448,21 @@ def rotated_transforms(
     return np.concatenate(parts, axis=1)
 
 
-def _rotate_block(references, rotations, settings):
+def _rotate_block(references, rotations, settings, classes=None):
+    """Transforms of the references at ``rotations`` (K, b, ...); only the references
+    in ``classes`` are rotated (the others stay zero) when it is given."""
     backend = FFTBackend(settings.fft_backend, settings.threads)
     k, d = references.shape[0], references.shape[-1]
-    rotated = np.empty((k, len(rotations), d, d, d), dtype=np.float32)
-    for ki in range(k):
-        for ri, matrix in enumerate(rotations):
-            rotated[ki, ri] = rotate_volume(
-                references[ki], matrix, order=settings.interpolation_order
-            )
-    return backend.rfftn(centre_for_fft(rotated))
+    classes = np.arange(k) if classes is None else np.asarray(classes)
+    centred = centre_for_fft(np.asarray(references[classes], dtype=np.float32))
+    rotated = np.empty((len(classes), len(rotations), d, d, d), dtype=np.float32)
+    for ri, matrix in enumerate(rotations):
+        rotated[:, ri] = rotate_centred(centred, matrix, order=settings.interpolation_order)
+    if len(classes) == k:
+        return backend.rfftn(rotated)
+    out = np.zeros((k, len(rotations), *half_grid_shape(d)), dtype=np.complex64)
+    out[classes] = backend.rfftn(rotated)
+    return out
 
 
 def _parallel(n_jobs):
@@ -609,12 +627,14 @@ class _Scorer:
         # A power of two, so that the batches of any pair list come in few sizes.
         pair_bytes = 8 * d * d * (d // 2 + 1)
         self.batch = 1 << max(0, int(np.log2(max(1, _PAIR_BATCH_BYTES // pair_bytes))))
-        n_rot = len(search.rotations)
-        if chunk.candidates is None:
-            self.log_orientation_prior = np.full(len(chunk), -np.log(n_rot))
+        if search.log_orientation_prior is not None:
+            self.log_orientation_prior = np.full(len(chunk), search.log_orientation_prior)
+        elif chunk.candidates is None:
+            self.log_orientation_prior = np.full(len(chunk), -np.log(len(search.rotations)))
         else:
+            searched = chunk.candidates.reshape(len(chunk), -1, chunk.candidates.shape[-1])
             with np.errstate(divide="ignore"):
-                self.log_orientation_prior = -np.log(chunk.candidates.sum(axis=1))
+                self.log_orientation_prior = -np.log(searched.any(axis=1).sum(axis=1))
 
     def masked_power(self, transforms: np.ndarray) -> np.ndarray:
         """``sum_q m w_g |V|^2`` for every mask group and transform: (G, K, b)."""
@@ -684,14 +704,30 @@ class _Scorer:
         )
 
 
-def _block_transforms(model, search, settings, transforms, block):
+def _block_transforms(model, search, settings, transforms, block, classes=None):
     if transforms is not None:
         return transforms[:, block]
-    return _rotate_block(model.references, search.rotations[block], settings)
+    return _rotate_block(model.references, search.rotations[block], settings, classes)
 
 
-def _block_candidates(chunk, block):
-    return None if chunk.candidates is None else chunk.candidates[:, block]
+def _block_candidates(chunk, block, n_classes):
+    """The chunk's candidates in one orientation block, (n, K, b), or None."""
+    if chunk.candidates is None:
+        return None
+    c = chunk.candidates
+    c = c[:, None, block] if c.ndim == 2 else c[:, :, block]
+    return np.broadcast_to(c, (len(chunk), n_classes, len(block)))
+
+
+def _searched_classes(candidates, classes):
+    """The classes among ``classes`` that some particle searches in the block."""
+    if candidates is None:
+        return list(classes)
+    return [k for k in classes if candidates[:, k].any()]
+
+
+def _class_candidates(candidates, k):
+    return None if candidates is None else candidates[:, k]
 
 
 def _batches(n: int, size: int):
@@ -738,13 +774,15 @@ def _score_block(chunk, model, search, settings, block, transforms):
     )
     if settings.keep_scores:
         out.relative = np.zeros((n, n_classes, b, len(search.shifts)), dtype=np.float32)
-    candidates = _block_candidates(chunk, block)
-    if candidates is not None and not candidates.any():
+    candidates = _block_candidates(chunk, block, n_classes)
+    classes = _searched_classes(candidates, np.flatnonzero(np.isfinite(model.log_class_weights)))
+    if not classes:
         return out
-    rotated = _block_transforms(model, search, settings, transforms, block)
+    rotated = _block_transforms(model, search, settings, transforms, block, classes)
     power = scorer.masked_power(rotated)
-    for k in np.flatnonzero(np.isfinite(model.log_class_weights)):
-        for p, r, cross in scorer.pair_batches(np.conj(rotated[k]), candidates):
+    for k in classes:
+        pairs = scorer.pair_batches(np.conj(rotated[k]), _class_candidates(candidates, k))
+        for p, r, cross in pairs:
             score, _ = scorer.scores(k, p, cross, power[chunk.group[p], k, r])
             top = score.max(axis=1)
             relative = score - top[:, None]
@@ -765,6 +803,7 @@ def e_step(
     accumulate: bool = True,
     transforms: np.ndarray | None = None,
     progress=None,
+    keep_pairs: bool = False,
 ) -> ChunkResult:
     """Score a chunk of particles against the model; optionally accumulate statistics.
 
@@ -785,6 +824,9 @@ def e_step(
         block by block here when not given.
     progress : callable, optional
         Called with the fraction of the chunk's work done by each finished block.
+    keep_pairs : bool, default=False
+        Return the log posterior mass of every pair (``pair_log_mass``), e.g. to
+        choose where a finer search looks.
 
     Returns
     -------
@@ -824,6 +866,7 @@ def e_step(
         best_rotation=best_rotation.astype(np.int64),
         best_shift=best_shift.astype(np.int64),
         max_posterior=max_posterior,
+        pair_log_mass=pair_lse if keep_pairs else None,
     )
     if accumulate:
         kept = _significant_pairs(pair_max, pair_lse, settings.pruning_threshold)
@@ -905,13 +948,15 @@ def _correlate_block(chunk, model, search, settings, block, transforms):
     n, n_classes, b = len(chunk), model.references.shape[0], len(block)
     top = np.full((n, n_classes, b), -np.inf)
     arg = np.zeros((n, n_classes, b), dtype=np.int64)
-    candidates = _block_candidates(chunk, block)
-    if candidates is not None and not candidates.any():
+    candidates = _block_candidates(chunk, block, n_classes)
+    classes = _searched_classes(candidates, range(n_classes))
+    if not classes:
         return top[..., 0], block[arg[..., 0]], arg[..., 0]
-    rotated = _block_transforms(model, search, settings, transforms, block)
+    rotated = _block_transforms(model, search, settings, transforms, block, classes)
     power = scorer.masked_power(rotated)
-    for k in range(n_classes):
-        for p, r, cross in scorer.pair_batches(np.conj(rotated[k]), candidates):
+    for k in classes:
+        pairs = scorer.pair_batches(np.conj(rotated[k]), _class_candidates(candidates, k))
+        for p, r, cross in pairs:
             cc = scorer.correlations(p, cross, power[chunk.group[p], k, r])
             top[p, k, r], arg[p, k, r] = cc.max(axis=1), cc.argmax(axis=1)
     first = np.argmax(top, axis=2)[..., None]
@@ -941,7 +986,8 @@ def _accumulate_block(chunk, model, search, settings, first, kept, log_norm, tra
         return stats
     conj = power = None
     if first.relative is None:
-        rotated = _block_transforms(model, search, settings, transforms, block)
+        classes = [k for k in range(n_classes) if kept[:, k].any()]
+        rotated = _block_transforms(model, search, settings, transforms, block, classes)
         power = scorer.masked_power(rotated)
         conj = np.conj(rotated)
     sums = np.zeros((n_classes, len(block), *half_grid_shape(d)), dtype=np.complex128)
@@ -996,10 +1042,10 @@ def _rotate_back(stats, sums, mass, rotations, settings, backend, d):
 def _add_in_reference_frame(stats, k, particle_frame_sum, counts, inverse, settings, backend):
     """Rotate a particle-frame sum by ``inverse`` and add it, with its counts, to class k."""
     d = stats.data_sums.shape[-2]
-    volume = uncentre_from_fft(backend.irfftn(particle_frame_sum, d))
-    back = rotate_volume(volume, inverse, order=settings.interpolation_order)
+    volume = backend.irfftn(particle_frame_sum, d)
+    back = rotate_centred(volume, inverse, order=settings.interpolation_order)
     # Interpolation leaks a little signal outside the rotated observed sets.
-    stats.data_sums[k] += backend.rfftn(centre_for_fft(back)) * (counts > 0)
+    stats.data_sums[k] += backend.rfftn(back) * (counts > 0)
     stats.observation_counts[k] += counts
 
 

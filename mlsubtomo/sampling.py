@@ -51,6 +51,7 @@ from sklearn.utils import check_random_state
 __all__ = [
     "covering_radius",
     "local_neighbourhood",
+    "nearest_grid_index",
     "neighbours",
     "perturb",
     "random_perturbation",
@@ -414,6 +415,28 @@ def local_neighbourhood(grid, rotations, max_angle, symmetry="C1") -> np.ndarray
     out = np.empty((len(rotations), len(grid)), dtype=bool)
     for rows, best in _max_abs_dot_blocks(rotations, grid, symmetry):
         out[rows] = best >= threshold
+    return out
+
+
+def nearest_grid_index(grid, rotations, symmetry="C1") -> np.ndarray:
+    """Index of the grid rotation nearest to each rotation (modulo G).
+
+    Parameters
+    ----------
+    grid : Rotation
+    rotations : Rotation
+    symmetry : str, default="C1"
+
+    Returns
+    -------
+    ndarray of int, shape (n,)
+    """
+    grid = _as_stack(grid, "grid")
+    rotations = _as_stack(rotations, "rotations")
+    _parse_symmetry(symmetry)
+    out = np.empty(len(rotations), dtype=np.int64)
+    for rows, best in _max_abs_dot_blocks(rotations, grid, symmetry):
+        out[rows] = np.argmax(best, axis=1)
     return out
 
 

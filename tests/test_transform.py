@@ -9,6 +9,7 @@ from mlsubtomo.transform import (
     centre_for_fft,
     euler_from_matrix,
     matrix_from_euler,
+    rotate_centred,
     rotate_volume,
     shift_volume,
     uncentre_from_fft,
@@ -159,6 +160,36 @@ def test_general_rotation_moves_blob_to_r_times_position(seed, order):
     R = Rotation.random(random_state=seed).as_matrix()
     rotated = rotate_volume(_blob(d, p + c, sigma=1.5), R, order=order)
     np.testing.assert_allclose(_centre_of_mass(rotated, radius=c) - c, R @ p, atol=0.02)
+
+
+@pytest.mark.parametrize("d", (9, 8))
+@pytest.mark.parametrize("dtype", (np.float32, np.float64))
+def test_trilinear_equals_scipy_affine_transform(d, dtype):
+    """The compiled order-1 rotation is scipy's trilinear one, about the same centre."""
+    volume = np.random.default_rng(6).standard_normal((d, d, d)).astype(dtype)
+    c = float(d // 2)
+    for seed in range(5):
+        R = Rotation.random(random_state=seed).as_matrix()
+        m = R.T[::-1, ::-1]
+        expected = ndimage.affine_transform(
+            volume, m, offset=c - m.sum(axis=1) * c, order=1, mode="grid-wrap"
+        )
+        rotated = rotate_volume(volume, R, order=1)
+        assert rotated.dtype == dtype
+        np.testing.assert_allclose(rotated, expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("order", (1, 3))
+def test_rotate_centred_rotates_each_volume_of_a_stack(order):
+    stack = np.random.default_rng(7).standard_normal((2, 3, 8, 8, 8)).astype(np.float32)
+    R = Rotation.random(random_state=8).as_matrix()
+    rotated = rotate_centred(centre_for_fft(stack), R, order=order)
+    assert rotated.shape == stack.shape and rotated.dtype == np.float32
+    for index in np.ndindex(2, 3):
+        np.testing.assert_allclose(
+            uncentre_from_fft(rotated[index]), rotate_volume(stack[index], R, order=order),
+            rtol=0, atol=1e-6,
+        )
 
 
 def test_rotation_and_inverse_recover_smooth_volume():
