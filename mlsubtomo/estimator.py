@@ -180,16 +180,15 @@ class _SubtomogramClassifier(BaseEstimator):
         return rotations if self.align else current_rotations
 
     def _run_kernel(
-        self, function, data, model, search, current_rotations, settings, halves=False,
-        local=None, candidates=None, **kwargs,
+        self, function, data, model, search, current_rotations, settings, local=None,
+        candidates=None, **kwargs,
     ):
         """Run a kernel function over particle chunks sized by ``memory_budget``.
 
         Without alignment ``search.rotations`` holds one orientation per particle and
         particle i searches only the i-th; with ``local_search`` each particle searches
         the grid orientations near its current one. Returns the joined per-particle
-        results and the statistics of the particles (one entry), or with ``halves``
-        of the even- and odd-numbered particles separately (two entries).
+        results and the statistics of the particles (None if not accumulated).
         ``local`` (degrees) searches around ``current_rotations`` as ``local_search``
         does; ``candidates`` (n, R) or (n, K, R), when given, are searched instead.
         """
@@ -206,30 +205,25 @@ class _SubtomogramClassifier(BaseEstimator):
         settings = dataclasses.replace(
             settings, n_jobs=effective_n_jobs(self.n_jobs), keep_scores=keep_scores
         )
-        parts = [np.arange(0, n, 2), np.arange(1, n, 2)] if halves else [np.arange(n)]
-        chunks = [(p, part[s : s + size]) for p, part in enumerate(parts)
-                  for s in range(0, len(part), size)]
+        chunks = [np.arange(s, min(s + size, n)) for s in range(0, n, size)]
         transforms = None
         # With candidate orientations, blocks nobody searches are never rotated.
         if share and candidates is None and (len(chunks) > 1 or not keep_scores):
             transforms = kernel.rotated_transforms(model.references, search.rotations, settings)
         results = []
         with _progress(n, self.verbose) as bar:
-            for _, c in chunks:
+            for c in chunks:
                 part, size = data.subset(c, None if candidates is None else candidates[c]), len(c)
                 results.append(function(
                     part, model, search, settings, transforms=transforms,
                     progress=lambda fraction, size=size: bar.update(fraction * size),
                     **kwargs,
                 ))
-        order = np.argsort(np.concatenate([c for _, c in chunks]))
-        result = kernel.ChunkResult.concatenate(results).take(order)
+        result = kernel.ChunkResult.concatenate(results)
         result.rotations = search.rotations[result.best_rotation]
-        statistics = [
-            sum(r.statistics for (p, _), r in zip(chunks, results, strict=True) if p == i)
-            if results[0].statistics is not None else None
-            for i in range(len(parts))
-        ]
+        statistics = None
+        if results[0].statistics is not None:
+            statistics = sum(r.statistics for r in results)
         return result, statistics
 
     def _initial_references(self, data, settings, rng):
@@ -427,9 +421,9 @@ class MissingDataMLClassifier(DensityMixin, _SubtomogramClassifier):
         the iterations start in a box of this even size holding only the
         components with ``|q| < min_box_size / 2``, and the box grows to 1.5 times
         the highest frequency at which the averages of the even- and odd-numbered
-        particles still agree (FSC >= 0.143), up to the full box. Each cropped
-        iteration costs about ``(min_box_size / D)^3`` of a full one; shifts keep
-        their full-box voxel units. None: always the full box.
+        particles at their best poses still agree (FSC >= 0.143), up to the full
+        box. Each cropped iteration costs about ``(min_box_size / D)^3`` of a full
+        one; shifts keep their full-box voxel units. None: always the full box.
     local_refinement : float, default=None
         Once the global search has settled (no regularisation left, and either
         converged by ``tol`` or fewer than 1% of the particles changing class in
@@ -704,7 +698,7 @@ class MissingDataMLClassifier(DensityMixin, _SubtomogramClassifier):
             # particle searched in C1 they stay large however settled the run is.
             run["calm"] = run.get("calm", 0) + 1 if changes[0] < 0.01 else 0
             if (
-                self.local_refinement is not None and run.get("refining") is None
+                self.local_refinement is not None and self.align and run.get("refining") is None
                 and schedule(iteration) == 0 and (self.converged_ or run["calm"] >= 2)
             ):
                 run.update(refining=iteration + 1, rotations=result.rotations)
@@ -746,10 +740,11 @@ class MissingDataMLClassifier(DensityMixin, _SubtomogramClassifier):
         "_references_hat", "_references_real", "references_", "class_weights_", "sigma_", "xi_",
         "_crop_size",
     )
-    def _model(self):
+    def _model(self, crop=None):
+        """The kernel's model in a Fourier crop (the current one by default)."""
         with np.errstate(divide="ignore"):
             log_weights = np.log(self.class_weights_)
-        crop = self._crop_size
+        crop = self._crop_size if crop is None else crop
         if crop == self._box_size:
             return kernel.Model(self._references_real, log_weights, self.sigma_)
         index = (slice(None), *kernel.crop_index(self._box_size, crop))
@@ -773,31 +768,39 @@ class MissingDataMLClassifier(DensityMixin, _SubtomogramClassifier):
         search = kernel.SearchSpace(
             rotations, shifts, log_prior, -np.log(len(rotations)) if self.align else None
         )
-        cropped = self._crop_size < self._box_size
-        if cropped:
-            data, settings = kernel.crop_problem(data, settings, self._crop_size)
-        model = self._model()
         candidates = None
-        if local is not None and classes is not None:
+        if self.align and local is not None and classes is not None:
             near = kernel.local_candidates(rotations, current_rotations, local)
             candidates = near[:, None, :] & classes[:, :, None]
         elif (
-            local is None and self.local_search is None and self.align
+            self.align and local is None and self.local_search is None
             and self.coarse_step is not None and self.pruning_threshold > 0
         ):
-            candidates = self._coarse_candidates(data, model, search, settings)
-        result, parts = self._run_kernel(
-            kernel.e_step, data, model, search, current_rotations, settings,
-            halves=cropped and accumulate, local=local, candidates=candidates,
-            accumulate=accumulate,
+            candidates = self._coarse_candidates(data, search, settings)
+        cropped = self._crop_size < self._box_size
+        if cropped:
+            data, settings = kernel.crop_problem(data, settings, self._crop_size)
+        result, stats = self._run_kernel(
+            kernel.e_step, data, self._model(), search, current_rotations, settings,
+            local=local, candidates=candidates, accumulate=accumulate,
         )
         if not accumulate:
             return None, result, None
-        stats = sum(parts)
+        halves = None
         if cropped:
             stats = stats.embedded(kernel.crop_index(self._box_size, self._crop_size),
                                    half_grid_shape(self._box_size))
-        return stats, result, parts if cropped else None
+            # Averages of the even- and odd-numbered particles at their best poses:
+            # one rotation per particle, where soft half sets would rotate back every
+            # (class, orientation) twice.
+            halves = [
+                kernel.hard_statistics(
+                    data.subset(half), result.best_class[half], result.rotations[half],
+                    result.best_shift[half], self.n_classes, settings,
+                )
+                for half in (np.arange(0, len(data), 2), np.arange(1, len(data), 2))
+            ]
+        return stats, result, halves
 
     def _significant_classes(self, class_log_posterior):
         """(n, K) bool: classes holding at least ``pruning_threshold`` of each
@@ -806,21 +809,27 @@ class MissingDataMLClassifier(DensityMixin, _SubtomogramClassifier):
         with np.errstate(divide="ignore"):
             return class_log_posterior >= best + np.log(self.pruning_threshold)
 
-    def _coarse_candidates(self, data, model, search, settings):
+    def _coarse_candidates(self, data, search, settings):
         """Where the fine search looks: (n, K, R) bool.
 
         The orientations of the grid nearest to a grid of ``coarse_step`` are scored
-        first; in each class, those holding at least ``pruning_threshold`` of the
-        class's best coarse posterior, and every grid orientation within
-        ``coarse_step`` of them, are searched.
+        first, in the smallest box (``min_box_size``) when cropping: a coarse
+        orientation grid resolves no finer detail. In each class, those holding at
+        least ``pruning_threshold`` of the class's best coarse posterior, and every
+        grid orientation within ``coarse_step`` of them, are searched.
         """
+        box = self._crop_size
+        if self.min_box_size is not None:
+            box = min(box, self.min_box_size)
+        if box < self._box_size:
+            data, settings = kernel.crop_problem(data, settings, box)
         grid = Rotation.from_matrix(search.rotations)
         index = np.unique(
             nearest_grid_index(grid, so3_grid(self.coarse_step, self.symmetry), self.symmetry)
         )
         coarse = dataclasses.replace(search, rotations=search.rotations[index])
         result, _ = self._run_kernel(
-            kernel.e_step, data, model, coarse, None, settings, accumulate=False,
+            kernel.e_step, data, self._model(box), coarse, None, settings, accumulate=False,
             keep_pairs=True,
         )
         mass = result.pair_log_mass
@@ -868,8 +877,9 @@ class MissingDataMLClassifier(DensityMixin, _SubtomogramClassifier):
         """The next crop: 1.5 times the highest shell where the half sets agree.
 
         The shell is the first one where the FSC between the weighted averages of
-        the even- and odd-numbered particles drops below 0.143, in the class that
-        goes furthest; the box never shrinks.
+        the even- and odd-numbered particles (each at its best class, orientation
+        and shift) drops below 0.143, in the class that goes furthest; the box
+        never shrinks.
         """
         crop = self._crop_size
         averages = [

@@ -1070,11 +1070,14 @@ def hard_statistics(
     rotations : ndarray of shape (n, 3, 3)
         X_i(r) ~ A(R_i^T (r - t_i)).
     shifts : ndarray of shape (n, 3), int
+        In voxels of the box of ``settings.shift_period`` when it is set.
     n_classes : int
     settings : KernelSettings
     """
     backend = FFTBackend(settings.fft_backend, settings.threads)
     d = chunk.data.shape[-2]
+    # Shifts count voxels of the full box in a Fourier crop.
+    period = settings.shift_period or d
     stats = SufficientStatistics.zeros(n_classes, half_grid_shape(d))
     stats.n_observed = float(np.sum(chunk.n_observed))
     stats.n_particles = len(chunk)
@@ -1082,7 +1085,7 @@ def hard_statistics(
     for i in range(len(chunk)):
         tx, ty, tz = shifts[i]
         # S_t^-1 multiplies component q by exp(+2 pi i q.t / D).
-        phase = np.exp(2j * np.pi * (qx * tx + qy * ty + qz * tz) / d)
+        phase = np.exp(2j * np.pi * (qx * tx + qy * ty + qz * tz) / period)
         inverse = np.asarray(rotations[i]).T
         counts = settings.masks[chunk.group[i]].observed(
             d, rotation=inverse, max_resolution=settings.max_resolution
