@@ -428,10 +428,13 @@ class MissingDataMLClassifier(DensityMixin, _SubtomogramClassifier):
         Once the global search has settled (no regularisation left, and either
         converged by ``tol`` or fewer than 1% of the particles changing class in
         two consecutive iterations), search only the grid
-        orientations within this angle (degrees) of each particle's current best
-        one, until that converges too or ``max_iter`` is reached. Each particle
-        then searches only the classes holding at least ``pruning_threshold`` of
-        its best class posterior in the iteration before.
+        orientations within this angle (degrees) of the (class, orientation) pairs
+        that held at least ``pruning_threshold`` of each particle's best pair
+        posterior in the iteration before (all symmetry mates of a symmetric
+        particle, for instance), until that converges too or ``max_iter`` is
+        reached. The final assignment
+        (``labels_``, ``rotations_``) searches globally again (coarse-to-fine with
+        ``coarse_step``).
     coarse_step : float, default=None
         Coarse-to-fine global search: each E-step first scores the grid orientations
         nearest to a grid of this step (degrees), then, per particle and class, the
@@ -672,7 +675,7 @@ class MissingDataMLClassifier(DensityMixin, _SubtomogramClassifier):
             local = self.local_refinement if run.get("refining") is not None else None
             stats, result, halves = self._e_step(
                 data, settings, rotations, run["rotations"], True, local,
-                run.get("classes") if local is not None else None,
+                run.get("previous") if local is not None else None,
             )
             self.log_likelihood_history_.append(stats.log_likelihood)
             labels = np.argmax(result.class_log_posterior, axis=1)
@@ -688,7 +691,8 @@ class MissingDataMLClassifier(DensityMixin, _SubtomogramClassifier):
             if halves is not None:
                 self._crop_size = self._grown_crop(halves)
             run["labels"], run["best_rotations"] = labels, result.rotations
-            run["classes"] = self._significant_classes(result.class_log_posterior)
+            if result.pair_log_mass is not None:
+                run["previous"] = (rotations, self._significant_pairs(result.pair_log_mass))
             # Log-likelihoods of different crops cover different components.
             boxes = self.box_size_history_
             if len(boxes) > 1 and boxes[-2] == boxes[-1]:
@@ -709,12 +713,11 @@ class MissingDataMLClassifier(DensityMixin, _SubtomogramClassifier):
                 break
 
         current_rotations = run["rotations"]
-        local = self.local_refinement if run.get("refining") is not None else None
         self.refinement_start_ = run.get("refining")
-        _, result, _ = self._e_step(
-            data, settings, grid, current_rotations, False, local,
-            run.get("classes") if local is not None else None,
-        )
+        # The final assignment searches globally even after local refinement: a
+        # particle with symmetry mates then takes the grid orientation nearest to any
+        # of them, not only to the one it was refined near.
+        _, result, _ = self._e_step(data, settings, grid, current_rotations, False)
         self.log_likelihood_history_.append(float(np.sum(result.log_likelihood)))
         self.lower_bound_ = self.log_likelihood_history_[-1]
         self.labels_ = np.argmax(result.class_log_posterior, axis=1)
@@ -752,15 +755,18 @@ class MissingDataMLClassifier(DensityMixin, _SubtomogramClassifier):
         return kernel.Model(refs, log_weights, self.sigma_)
 
     def _e_step(
-        self, data, settings, rotations, current_rotations, accumulate, local=None, classes=None
+        self, data, settings, rotations, current_rotations, accumulate, local=None,
+        previous=None,
     ):
         """Scores, posteriors and (optionally) statistics for all particles.
 
-        ``local`` (degrees) searches near ``current_rotations``, and only the
-        ``classes`` (n, K) bool of each particle when given; a global search is
-        coarse-to-fine with ``coarse_step``. In a Fourier crop the statistics are
-        returned on the full half grid (zero outside the crop), with the cropped
-        ones of the two half sets.
+        ``local`` (degrees) searches near ``current_rotations``, or with ``previous``
+        (the rotations of an earlier E-step and its significant pairs, (n, K, R)
+        bool) near each particle's significant pairs; a global search is
+        coarse-to-fine with ``coarse_step``. With ``local_refinement`` set, the
+        result keeps ``pair_log_mass`` for the next iteration. In a Fourier crop the
+        statistics are returned on the full half grid (zero outside the crop), with
+        the cropped ones of the two half sets.
         """
         shifts, log_prior = kernel.shift_window(self._shift_limit(self.xi_), self.xi_)
         rotations = self._search_rotations(rotations, current_rotations)
@@ -769,9 +775,8 @@ class MissingDataMLClassifier(DensityMixin, _SubtomogramClassifier):
             rotations, shifts, log_prior, -np.log(len(rotations)) if self.align else None
         )
         candidates = None
-        if self.align and local is not None and classes is not None:
-            near = kernel.local_candidates(rotations, current_rotations, local)
-            candidates = near[:, None, :] & classes[:, :, None]
+        if self.align and local is not None and previous is not None:
+            candidates = self._reached(*previous, rotations, local)
         elif (
             self.align and local is None and self.local_search is None
             and self.coarse_step is not None and self.pruning_threshold > 0
@@ -783,6 +788,7 @@ class MissingDataMLClassifier(DensityMixin, _SubtomogramClassifier):
         result, stats = self._run_kernel(
             kernel.e_step, data, self._model(), search, current_rotations, settings,
             local=local, candidates=candidates, accumulate=accumulate,
+            keep_pairs=accumulate and self.local_refinement is not None,
         )
         if not accumulate:
             return None, result, None
@@ -802,12 +808,29 @@ class MissingDataMLClassifier(DensityMixin, _SubtomogramClassifier):
             ]
         return stats, result, halves
 
-    def _significant_classes(self, class_log_posterior):
-        """(n, K) bool: classes holding at least ``pruning_threshold`` of each
-        particle's best class posterior."""
-        best = np.max(class_log_posterior, axis=1, keepdims=True)
+    def _significant_pairs(self, pair_log_mass):
+        """(n, K, R) bool: the pairs holding at least ``pruning_threshold`` of each
+        particle's best pair posterior."""
+        best = np.max(pair_log_mass, axis=(1, 2), keepdims=True)
         with np.errstate(divide="ignore"):
-            return class_log_posterior >= best + np.log(self.pruning_threshold)
+            return np.isfinite(pair_log_mass) & (
+                pair_log_mass >= best + np.log(self.pruning_threshold)
+            )
+
+    def _reached(self, centres, chosen, rotations, radius):
+        """(n, K, R) bool: the ``rotations`` within ``radius`` degrees (modulo the
+        symmetry) of a centre chosen for the particle and class, ``chosen`` (n, K, m)
+        over ``centres`` (m, 3, 3); each centre reaches at least its nearest."""
+        used = np.flatnonzero(chosen.any(axis=(0, 1)))
+        grid = Rotation.from_matrix(rotations)
+        points = Rotation.from_matrix(centres[used])
+        near = local_neighbourhood(grid, points, radius, self.symmetry)
+        near[np.arange(len(used)), nearest_grid_index(grid, points, self.symmetry)] = True
+        n, k, _ = chosen.shape
+        reached = chosen[:, :, used].reshape(n * k, -1).astype(np.float32) @ near.astype(
+            np.float32
+        )
+        return reached.reshape(n, k, -1) > 0
 
     def _coarse_candidates(self, data, search, settings):
         """Where the fine search looks: (n, K, R) bool.
@@ -836,10 +859,7 @@ class MissingDataMLClassifier(DensityMixin, _SubtomogramClassifier):
         with np.errstate(divide="ignore"):
             floor = np.max(mass, axis=2, keepdims=True) + np.log(self.pruning_threshold)
         chosen = np.isfinite(mass) & (mass >= floor)
-        near = local_neighbourhood(grid, grid[index], self.coarse_step, self.symmetry)
-        n, k, m = chosen.shape
-        reached = chosen.reshape(n * k, m).astype(np.float32) @ near.astype(np.float32)
-        return reached.reshape(n, k, -1) > 0
+        return self._reached(search.rotations[index], chosen, search.rotations, self.coarse_step)
 
     def _m_step(self, stats: SufficientStatistics, theta: float) -> None:
         """Update the model from the sufficient statistics (design section 2b)."""

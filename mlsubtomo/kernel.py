@@ -448,20 +448,26 @@ def rotated_transforms(
     return np.concatenate(parts, axis=1)
 
 
-def _rotate_block(references, rotations, settings, classes=None):
-    """Transforms of the references at ``rotations`` (K, b, ...); only the references
-    in ``classes`` are rotated (the others stay zero) when it is given."""
+def _rotate_block(references, rotations, settings, needed=None):
+    """Transforms of the references at ``rotations``, (K, b, ...).
+
+    ``needed`` (K, b) bool, when given, says which (class, orientation) pairs some
+    particle searches; only those are rotated, the others stay zero.
+    """
     backend = FFTBackend(settings.fft_backend, settings.threads)
     k, d = references.shape[0], references.shape[-1]
-    classes = np.arange(k) if classes is None else np.asarray(classes)
-    centred = centre_for_fft(np.asarray(references[classes], dtype=np.float32))
-    rotated = np.empty((len(classes), len(rotations), d, d, d), dtype=np.float32)
-    for ri, matrix in enumerate(rotations):
-        rotated[:, ri] = rotate_centred(centred, matrix, order=settings.interpolation_order)
-    if len(classes) == k:
+    centred = centre_for_fft(np.asarray(references, dtype=np.float32))
+    order = settings.interpolation_order
+    if needed is None or needed.all():
+        rotated = np.empty((k, len(rotations), d, d, d), dtype=np.float32)
+        for ri, matrix in enumerate(rotations):
+            rotated[:, ri] = rotate_centred(centred, matrix, order=order)
         return backend.rfftn(rotated)
     out = np.zeros((k, len(rotations), *half_grid_shape(d)), dtype=np.complex64)
-    out[classes] = backend.rfftn(rotated)
+    # One orientation at a time: batches of at most K volumes need few FFT plans.
+    for ri in np.flatnonzero(needed.any(axis=0)):
+        classes = np.flatnonzero(needed[:, ri])
+        out[classes, ri] = backend.rfftn(rotate_centred(centred[classes], rotations[ri], order))
     return out
 
 
@@ -704,10 +710,10 @@ class _Scorer:
         )
 
 
-def _block_transforms(model, search, settings, transforms, block, classes=None):
+def _block_transforms(model, search, settings, transforms, block, needed=None):
     if transforms is not None:
         return transforms[:, block]
-    return _rotate_block(model.references, search.rotations[block], settings, classes)
+    return _rotate_block(model.references, search.rotations[block], settings, needed)
 
 
 def _block_candidates(chunk, block, n_classes):
@@ -719,11 +725,12 @@ def _block_candidates(chunk, block, n_classes):
     return np.broadcast_to(c, (len(chunk), n_classes, len(block)))
 
 
-def _searched_classes(candidates, classes):
-    """The classes among ``classes`` that some particle searches in the block."""
+def _searched_pairs(candidates, allowed, n_block):
+    """(K, b) bool: the (class, orientation) pairs of a block that some particle
+    searches, among the classes ``allowed`` (K,) bool."""
     if candidates is None:
-        return list(classes)
-    return [k for k in classes if candidates[:, k].any()]
+        return np.repeat(allowed[:, None], n_block, axis=1)
+    return candidates.any(axis=0) & allowed[:, None]
 
 
 def _class_candidates(candidates, k):
@@ -775,10 +782,11 @@ def _score_block(chunk, model, search, settings, block, transforms):
     if settings.keep_scores:
         out.relative = np.zeros((n, n_classes, b, len(search.shifts)), dtype=np.float32)
     candidates = _block_candidates(chunk, block, n_classes)
-    classes = _searched_classes(candidates, np.flatnonzero(np.isfinite(model.log_class_weights)))
-    if not classes:
+    needed = _searched_pairs(candidates, np.isfinite(model.log_class_weights), b)
+    classes = np.flatnonzero(needed.any(axis=1))
+    if not len(classes):
         return out
-    rotated = _block_transforms(model, search, settings, transforms, block, classes)
+    rotated = _block_transforms(model, search, settings, transforms, block, needed)
     power = scorer.masked_power(rotated)
     for k in classes:
         pairs = scorer.pair_batches(np.conj(rotated[k]), _class_candidates(candidates, k))
@@ -949,10 +957,11 @@ def _correlate_block(chunk, model, search, settings, block, transforms):
     top = np.full((n, n_classes, b), -np.inf)
     arg = np.zeros((n, n_classes, b), dtype=np.int64)
     candidates = _block_candidates(chunk, block, n_classes)
-    classes = _searched_classes(candidates, range(n_classes))
-    if not classes:
+    needed = _searched_pairs(candidates, np.ones(n_classes, dtype=bool), b)
+    classes = np.flatnonzero(needed.any(axis=1))
+    if not len(classes):
         return top[..., 0], block[arg[..., 0]], arg[..., 0]
-    rotated = _block_transforms(model, search, settings, transforms, block, classes)
+    rotated = _block_transforms(model, search, settings, transforms, block, needed)
     power = scorer.masked_power(rotated)
     for k in classes:
         pairs = scorer.pair_batches(np.conj(rotated[k]), _class_candidates(candidates, k))
@@ -986,8 +995,9 @@ def _accumulate_block(chunk, model, search, settings, first, kept, log_norm, tra
         return stats
     conj = power = None
     if first.relative is None:
-        classes = [k for k in range(n_classes) if kept[:, k].any()]
-        rotated = _block_transforms(model, search, settings, transforms, block, classes)
+        rotated = _block_transforms(
+            model, search, settings, transforms, block, kept.any(axis=0)
+        )
         power = scorer.masked_power(rotated)
         conj = np.conj(rotated)
     sums = np.zeros((n_classes, len(block), *half_grid_shape(d)), dtype=np.complex128)

@@ -139,10 +139,11 @@ def test_class_candidates_are_the_full_search_restricted(problem, keep_scores, m
     rotated = []  # (first orientation of the block, classes rotated)
     original = kernel._rotate_block
 
-    def recording(references, rotations, settings, classes=None):
+    def recording(references, rotations, settings, needed=None):
         first = int(np.flatnonzero(np.all(np.isclose(search.rotations, rotations[0]), (1, 2)))[0])
-        rotated.append((first, None if classes is None else sorted(int(k) for k in classes)))
-        return original(references, rotations, settings, classes)
+        classes = None if needed is None else np.flatnonzero(needed.any(axis=1)).tolist()
+        rotated.append((first, classes))
+        return original(references, rotations, settings, needed)
 
     monkeypatch.setattr(kernel, "_rotate_block", recording)
     result = kernel.e_step(
@@ -413,56 +414,54 @@ def test_coarse_candidates_follow_their_definition(easy):
 
 
 @pytest.mark.parametrize("threshold", [0.0, 1e-8, 0.05, 0.5, 1.0])
-def test_significant_classes(threshold):
+def test_significant_pairs(threshold):
     rng = np.random.default_rng(int(threshold * 100) + 1)
-    est = MissingDataMLClassifier(4, pruning_threshold=threshold)
-    logits = rng.normal(scale=6.0, size=(200, 4))
-    logits[::7, 1] = -np.inf  # a class with no posterior at all
-    logits[::5, 2] = logits[::5, 0]  # ties with another class
-    posterior = logits - kernel.logsumexp(logits, axis=1)[:, None]
-    significant = est._significant_classes(posterior)
-    assert significant.shape == posterior.shape and significant.dtype == bool
-    p = np.exp(posterior)
-    best = p.max(axis=1, keepdims=True)
+    est = MissingDataMLClassifier(2, pruning_threshold=threshold)
+    mass = rng.normal(scale=6.0, size=(50, 2, 9))
+    mass[::7, 1] = -np.inf  # a class not searched at all
+    mass[::5, 0, 3] = mass[::5].max(axis=(1, 2))  # ties with the best pair
+    significant = est._significant_pairs(mass)
+    assert significant.shape == mass.shape and significant.dtype == bool
+    assert not significant[::7, 1].any()
+    p = np.exp(mass)
+    best = p.max(axis=(1, 2), keepdims=True)
     if threshold == 0:
-        assert significant.all()
+        np.testing.assert_array_equal(significant, np.isfinite(mass))
     else:
-        # Away from the boundary, exactly the classes holding threshold of the best.
+        # Away from the boundary, exactly the pairs holding threshold of the best.
         clear = np.abs(p - threshold * best) > 1e-9 * best
         np.testing.assert_array_equal(significant[clear], (p >= threshold * best)[clear])
-        assert not significant[::7, 1].any()
-    assert significant.sum(axis=1).min() >= 1
-    np.testing.assert_array_equal(significant[np.arange(200), p.argmax(axis=1)], True)
-    np.testing.assert_array_equal(significant[::5, 2], significant[::5, 0])
+    assert significant[::5, 0, 3].all()
+    assert significant.reshape(50, -1).sum(axis=1).min() >= 1
 
 
-def test_local_search_over_significant_classes_only(easy):
+def test_local_search_around_the_previous_significant_pairs(easy):
     data, exhaustive, _ = easy
     est = exhaustive
     prepared, settings, *_ = est._prepare_fit(data.volumes, data.masks, None, None)
     grid = est._orientation_grid()
-    current = est.rotations_
-    local = est._e_step(prepared, settings, grid, current, False, 50.0)[1]
-    every = est._e_step(
-        prepared, settings, grid, current, False, 50.0, np.ones((len(current), 2), dtype=bool)
-    )[1]
-    _assert_same(every, local, statistics=False)
-    classes = np.ones((len(current), 2), dtype=bool)
-    even, odd = np.arange(0, len(current), 2), np.arange(1, len(current), 4)
-    classes[even, 1 - est.labels_[even]] = False  # the other class of every other particle
-    classes[odd, est.labels_[odd]] = False  # the own class of every fourth particle
-    restricted = est._e_step(prepared, settings, grid, current, False, 50.0, classes)[1]
-    np.testing.assert_array_equal(np.isneginf(restricted.class_log_posterior), ~classes)
-    np.testing.assert_array_equal(restricted.best_class[odd], 1 - est.labels_[odd])
-    # A particle searching all its classes keeps its result.
-    both = classes.all(axis=1)
-    np.testing.assert_allclose(
-        restricted.log_likelihood[both], local.log_likelihood[both], rtol=1e-6
-    )
-    # Excluding classes only removes terms (same prior): never a higher likelihood.
-    assert np.all(restricted.log_likelihood <= local.log_likelihood + 1e-6 * np.abs(
-        local.log_likelihood
-    ))
+    n = len(data.volumes)
+    full = est._e_step(prepared, settings, grid, None, False)[1]
+    # Every pair chosen before: every orientation is reached, the global search.
+    every = np.ones((n, 2, len(grid)), dtype=bool)
+    again = est._e_step(prepared, settings, grid, None, False, 50.0, (grid, every))[1]
+    _assert_same(again, full, statistics=False)
+    # One pair chosen per particle, in its own class: the other class is not searched,
+    # and the best orientation lies within the radius of the chosen one.
+    chosen = np.zeros_like(every)
+    rows = np.arange(n)
+    chosen[rows, full.best_class, full.best_rotation] = True
+    local = est._e_step(prepared, settings, grid, None, False, 50.0, (grid, chosen))[1]
+    other = np.ones((n, 2), dtype=bool)
+    other[rows, full.best_class] = False
+    np.testing.assert_array_equal(np.isneginf(local.class_log_posterior), other)
+    turned = Rotation.from_matrix(
+        np.einsum("nji,njk->nik", grid[full.best_rotation], grid[local.best_rotation])
+    ).magnitude()
+    assert np.degrees(turned).max() <= 50.0 + 1e-6
+    # The chosen pair is searched, so nothing better than the global best is lost.
+    np.testing.assert_array_equal(local.best_rotation, full.best_rotation)
+    assert np.all(local.log_likelihood <= full.log_likelihood + 1e-6 * np.abs(full.log_likelihood))
 
 
 # ------------------------------------------------------------- parameter validation
