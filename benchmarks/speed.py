@@ -32,9 +32,12 @@ memory
 modes
     The whole paper run (40 iterations, regularisation 5 -> 0 in 5 iterations,
     n_jobs = all cores) at SNR 0.01 and 0.05, exhaustive and with the accelerated
-    options (``min_box_size=16`` and ``local_refinement=30``), on the same data:
+    options, on the same data:
     run time, purity and median orientation error (up to the phantoms' D7 / C7
-    symmetry and one global rotation per class).
+    symmetry and one global rotation per class). Modes: ``exhaustive``,
+    ``accelerated`` (all three options), and each option alone (``cropped``:
+    ``min_box_size=16``, ``coarse``: ``coarse_step=30``, ``local``:
+    ``local_refinement=20``).
 
 Results go to ``<out>/speed.json`` and ``<out>/speed.md``; parts run separately
 are merged into the JSON already there.
@@ -200,8 +203,14 @@ def part_scaling(quick: bool) -> dict:
     return out
 
 
-ACCELERATED = {"min_box_size": 16, "local_refinement": 30.0}
-MODES = {"exhaustive": {}, "accelerated": ACCELERATED}
+# (a) cropping, (b) coarse-to-fine orientations, (c) local search after convergence.
+SINGLE_MODES = {
+    "cropped": {"min_box_size": 16},
+    "coarse": {"coarse_step": 30.0},
+    "local": {"local_refinement": 20.0},
+}
+ACCELERATED = {k: v for options in SINGLE_MODES.values() for k, v in options.items()}
+MODES = {"exhaustive": {}, "accelerated": ACCELERATED, **SINGLE_MODES}
 
 
 def part_modes(quick: bool, save, modes=("accelerated", "exhaustive"), n_jobs=-1,
