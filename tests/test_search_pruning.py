@@ -316,7 +316,9 @@ def easy():
     """
     references = _asymmetric_references()
     data = make_dataset(references, 16, masks=WEDGE, snr=2.0, max_shift=1, random_state=4)
-    params = dict(FIT, init_references=references, max_resolution=0.15)
+    # A margin of 18 nats (1e-8) keeps the pruning of this small problem real: the
+    # default 100 nats reaches the whole of its 126-orientation grid.
+    params = dict(FIT, init_references=references, max_resolution=0.15, coarse_margin=18.4)
     exhaustive = MissingDataMLClassifier(2, **params).fit(data.volumes, masks=data.masks)
     coarse = MissingDataMLClassifier(2, coarse_step=90.0, **params).fit(
         data.volumes, masks=data.masks
@@ -386,17 +388,17 @@ def test_coarse_to_fine_search_loses_only_posterior_mass(easy, fitted):
 
 def test_coarse_candidates_follow_their_definition(easy):
     # Documented: score the grid orientations nearest to so3_grid(coarse_step); in each
-    # (particle, class), keep those holding at least pruning_threshold of the class's
-    # best coarse mass; search every grid orientation within coarse_step of them.
+    # (particle, class), keep those within coarse_margin nats of the class's best coarse
+    # mass; search every grid orientation within coarse_step of them.
     data, _, coarse = easy
-    step, threshold = 90.0, coarse.pruning_threshold
+    step, margin = 90.0, coarse.coarse_margin
     _, full, candidates, _ = _e_step_of(coarse, data, step)
     grid = Rotation.from_matrix(coarse._orientation_grid())
     index = np.unique(nearest_grid_index(grid, so3_grid(step)))
     # The coarse search keeps the prior -log(R), so its pair masses are the full ones;
     # 1e-3 nats and 1e-6 rad of slack cover round-off (boundary cases are improbable).
     mass = full.pair_log_mass[:, :, index]
-    floor = mass.max(axis=2, keepdims=True) + np.log(threshold)
+    floor = mass.max(axis=2, keepdims=True) - margin
     chosen_lo, chosen_hi = mass >= floor + 1e-3, mass >= floor - 1e-3
     distance = np.stack([(grid[j].inv() * grid).magnitude() for j in index])  # (m, R)
     near_lo = distance <= np.radians(step) - 1e-6
@@ -500,3 +502,11 @@ def test_align_false_keeps_the_given_orientations_under_local_refinement(phantom
     # Without alignment there is nothing to refine locally.
     assert est.refinement_start_ is None
     np.testing.assert_allclose(est.rotations_, init, atol=1e-6)
+
+
+@pytest.mark.parametrize("margin", [-1.0, np.nan, "10"])
+def test_bad_coarse_margin_is_refused_by_name(margin):
+    X = np.random.default_rng(0).normal(size=(4, 8, 8, 8)).astype(np.float32)
+    est = MissingDataMLClassifier(2, coarse_step=90, coarse_margin=margin, max_iter=1)
+    with pytest.raises((ValueError, TypeError), match="coarse_margin"):
+        est.fit(X, masks=WEDGE)
