@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from scipy.spatial.transform import Rotation
 
-from mlsubtomo import MissingDataMLClassifier, kernel
+from mlsubtomo import MissingDataMLClassifier, estimator, kernel
 from mlsubtomo.masks import MissingCone, MissingWedge
 from mlsubtomo.metrics import class_purity
 from mlsubtomo.sampling import nearest_grid_index, so3_grid, symmetry_group
@@ -368,7 +368,10 @@ def test_coarse_to_fine_search_loses_only_posterior_mass(easy, fitted):
         assert pruned.log_likelihood.sum() == pytest.approx(est.lower_bound_, rel=1e-9)
     else:
         assert full.log_likelihood.sum() == pytest.approx(est.lower_bound_, rel=1e-9)
-    assert candidates.mean() < 0.9  # the search really was pruned
+    assert candidates.mean() < 0.9  # the coarse pass really pruned
+    # Candidates covering most pairs are replaced by the whole grid.
+    if candidates.mean() > estimator._DENSE_CANDIDATES:
+        candidates = np.ones_like(candidates)
     slack = 1e-6 * np.abs(full.log_likelihood)
     assert np.all(pruned.log_likelihood <= full.log_likelihood + slack)
     rows = np.arange(len(data.labels))
