@@ -216,10 +216,10 @@ class _SubtomogramClassifier(BaseEstimator):
         results = []
         with _progress(n, self.verbose) as bar:
             for c in chunks:
-                part, size = data.subset(c, None if candidates is None else candidates[c]), len(c)
+                part = data.subset(c, None if candidates is None else candidates[c])
                 results.append(function(
                     part, model, search, settings, transforms=transforms,
-                    progress=lambda fraction, size=size: bar.update(fraction * size),
+                    progress=lambda fraction, c=c: bar.update(fraction * len(c)),
                     **kwargs,
                 ))
         result = kernel.ChunkResult.concatenate(results)
@@ -782,7 +782,8 @@ class MissingDataMLClassifier(DensityMixin, _SubtomogramClassifier):
         coarse-to-fine with ``coarse_step``. With ``local_refinement`` set, the
         result keeps ``pair_log_mass`` for the next iteration. In a Fourier crop the
         statistics are returned on the full half grid (zero outside the crop), with
-        the cropped ones of the two half sets.
+        the cropped hard-assignment statistics of the two half sets (even- and
+        odd-numbered particles at their best poses) for the FSC.
         """
         shifts, log_prior = kernel.shift_window(self._shift_limit(self.xi_), self.xi_)
         rotations = self._search_rotations(rotations, current_rotations)

@@ -733,8 +733,21 @@ def _searched_pairs(candidates, allowed, n_block):
     return candidates.any(axis=0) & allowed[:, None]
 
 
-def _class_candidates(candidates, k):
-    return None if candidates is None else candidates[:, k]
+def _block_pairs(scorer, chunk, model, search, settings, transforms, block, allowed):
+    """Yield ``(k, particles, local rotations, cross terms, masked power)`` for the
+    pairs of one orientation block that are searched, in the classes ``allowed``
+    (K,) bool; only the (class, orientation) pairs some particle searches are rotated."""
+    n_classes = model.references.shape[0]
+    candidates = _block_candidates(chunk, block, n_classes)
+    needed = _searched_pairs(candidates, allowed, len(block))
+    if not needed.any():
+        return
+    rotated = _block_transforms(model, search, settings, transforms, block, needed)
+    power = scorer.masked_power(rotated)
+    for k in np.flatnonzero(needed.any(axis=1)):
+        searched = None if candidates is None else candidates[:, k]
+        for p, r, cross in scorer.pair_batches(np.conj(rotated[k]), searched):
+            yield k, p, r, cross, power[chunk.group[p], k, r]
 
 
 def _batches(n: int, size: int):
@@ -781,24 +794,18 @@ def _score_block(chunk, model, search, settings, block, transforms):
     )
     if settings.keep_scores:
         out.relative = np.zeros((n, n_classes, b, len(search.shifts)), dtype=np.float32)
-    candidates = _block_candidates(chunk, block, n_classes)
-    needed = _searched_pairs(candidates, np.isfinite(model.log_class_weights), b)
-    classes = np.flatnonzero(needed.any(axis=1))
-    if not len(classes):
-        return out
-    rotated = _block_transforms(model, search, settings, transforms, block, needed)
-    power = scorer.masked_power(rotated)
-    for k in classes:
-        pairs = scorer.pair_batches(np.conj(rotated[k]), _class_candidates(candidates, k))
-        for p, r, cross in pairs:
-            score, _ = scorer.scores(k, p, cross, power[chunk.group[p], k, r])
-            top = score.max(axis=1)
-            relative = score - top[:, None]
-            out.pair_max[p, k, r] = top
-            out.pair_arg[p, k, r] = np.argmax(relative, axis=1)
-            out.pair_lse[p, k, r] = top + np.log(np.sum(np.exp(relative), axis=1))
-            if out.relative is not None:
-                out.relative[p, k, r] = relative
+    allowed = np.isfinite(model.log_class_weights)
+    for k, p, r, cross, power in _block_pairs(
+        scorer, chunk, model, search, settings, transforms, block, allowed
+    ):
+        score, _ = scorer.scores(k, p, cross, power)
+        top = score.max(axis=1)
+        relative = score - top[:, None]
+        out.pair_max[p, k, r] = top
+        out.pair_arg[p, k, r] = np.argmax(relative, axis=1)
+        out.pair_lse[p, k, r] = top + np.log(np.sum(np.exp(relative), axis=1))
+        if out.relative is not None:
+            out.relative[p, k, r] = relative
     return out
 
 
@@ -956,18 +963,12 @@ def _correlate_block(chunk, model, search, settings, block, transforms):
     n, n_classes, b = len(chunk), model.references.shape[0], len(block)
     top = np.full((n, n_classes, b), -np.inf)
     arg = np.zeros((n, n_classes, b), dtype=np.int64)
-    candidates = _block_candidates(chunk, block, n_classes)
-    needed = _searched_pairs(candidates, np.ones(n_classes, dtype=bool), b)
-    classes = np.flatnonzero(needed.any(axis=1))
-    if not len(classes):
-        return top[..., 0], block[arg[..., 0]], arg[..., 0]
-    rotated = _block_transforms(model, search, settings, transforms, block, needed)
-    power = scorer.masked_power(rotated)
-    for k in classes:
-        pairs = scorer.pair_batches(np.conj(rotated[k]), _class_candidates(candidates, k))
-        for p, r, cross in pairs:
-            cc = scorer.correlations(p, cross, power[chunk.group[p], k, r])
-            top[p, k, r], arg[p, k, r] = cc.max(axis=1), cc.argmax(axis=1)
+    allowed = np.ones(n_classes, dtype=bool)
+    for k, p, r, cross, power in _block_pairs(
+        scorer, chunk, model, search, settings, transforms, block, allowed
+    ):
+        cc = scorer.correlations(p, cross, power)
+        top[p, k, r], arg[p, k, r] = cc.max(axis=1), cc.argmax(axis=1)
     first = np.argmax(top, axis=2)[..., None]
     best = np.take_along_axis(top, first, axis=2)[..., 0]
     return best, block[first[..., 0]], np.take_along_axis(arg, first, axis=2)[..., 0]
