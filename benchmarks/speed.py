@@ -213,9 +213,13 @@ ACCELERATED = {k: v for options in SINGLE_MODES.values() for k, v in options.ite
 MODES = {"exhaustive": {}, "accelerated": ACCELERATED, **SINGLE_MODES}
 
 
-def part_modes(quick: bool, save, modes=("accelerated", "exhaustive"), n_jobs=-1,
+def part_modes(quick: bool, save, out: Path, modes=("accelerated", "exhaustive"), n_jobs=-1,
                previous=()) -> dict:
-    """Whole runs of each mode; rows of other modes in ``previous`` are kept."""
+    """Whole runs of each mode; rows of other modes in ``previous`` are kept.
+
+    Each run's labels, orientations and class averages go to
+    ``<out>/modes_<mode>_snr<snr>.npz``, so its accuracy can be measured again.
+    """
     n, d, step, shift, iters = (40, 16, 45.0, 1, 6) if quick else (200, 32, 15.0, 3, 40)
     groups = [symmetry_group("D7").as_matrix(), symmetry_group("C7").as_matrix()]
     # The estimator's line per iteration shows how far an hour-long run has got.
@@ -242,6 +246,9 @@ def part_modes(quick: bool, save, modes=("accelerated", "exhaustive"), n_jobs=-1
             finally:
                 logging.getLogger("mlsubtomo").removeHandler(handler)
             seconds = time.perf_counter() - start
+            out.mkdir(parents=True, exist_ok=True)
+            np.savez_compressed(out / f"modes_{mode}_snr{snr}.npz", labels=est.labels_,
+                                rotations=est.rotations_, references=est.references_)
             errors = classified_orientation_errors(
                 data.labels, est.labels_, data.rotations, est.rotations_, groups
             )
@@ -506,7 +513,7 @@ def main(argv=None) -> int:
         "memory": lambda: part_memory(args.quick, args.memory_limit),
         "modes": lambda: part_modes(
             args.quick, lambda part: write_results({**results, "modes": part}, args.out),
-            args.modes, args.n_jobs, _previous_rows(args.out),
+            args.out, args.modes, args.n_jobs, _previous_rows(args.out),
         ),
     }
     for name in args.parts:
