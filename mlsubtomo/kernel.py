@@ -449,11 +449,9 @@ def rotated_transforms(
 
 
 def _rotate_block(references, rotations, settings, needed=None):
-    """Transforms of the references at ``rotations``, (K, b, ...).
-
-    ``needed`` (K, b) bool, when given, says which (class, orientation) pairs some
-    particle searches; only those are rotated, the others stay zero.
-    """
+    """Transforms of the references at ``rotations``: (K, b, ...), or with ``needed``
+    (K, b) bool only those of the needed (class, orientation) pairs, (m, ...) in the
+    order of ``np.flatnonzero(needed)``."""
     backend = FFTBackend(settings.fft_backend, settings.threads)
     k, d = references.shape[0], references.shape[-1]
     centred = centre_for_fft(np.asarray(references, dtype=np.float32))
@@ -462,13 +460,24 @@ def _rotate_block(references, rotations, settings, needed=None):
         rotated = np.empty((k, len(rotations), d, d, d), dtype=np.float32)
         for ri, matrix in enumerate(rotations):
             rotated[:, ri] = rotate_centred(centred, matrix, order=order)
-        return backend.rfftn(rotated)
-    out = np.zeros((k, len(rotations), *half_grid_shape(d)), dtype=np.complex64)
+        out = backend.rfftn(rotated)
+        return out if needed is None else out.reshape(-1, *out.shape[2:])
+    slots = _slots(needed)
+    out = np.empty((int(needed.sum()), *half_grid_shape(d)), dtype=np.complex64)
     # One orientation at a time: batches of at most K volumes need few FFT plans.
     for ri in np.flatnonzero(needed.any(axis=0)):
         classes = np.flatnonzero(needed[:, ri])
-        out[classes, ri] = backend.rfftn(rotate_centred(centred[classes], rotations[ri], order))
+        out[slots[classes, ri]] = backend.rfftn(
+            rotate_centred(centred[classes], rotations[ri], order)
+        )
     return out
+
+
+def _slots(needed):
+    """(K, b) int: the index of each needed pair in ``np.flatnonzero(needed)``, else -1."""
+    slots = np.full(needed.shape, -1, dtype=np.int64)
+    slots[needed] = np.arange(int(needed.sum()))
+    return slots
 
 
 def _parallel(n_jobs):
@@ -643,11 +652,10 @@ class _Scorer:
                 self.log_orientation_prior = -np.log(searched.any(axis=1).sum(axis=1))
 
     def masked_power(self, transforms: np.ndarray) -> np.ndarray:
-        """``sum_q m w_g |V|^2`` for every mask group and transform: (G, K, b)."""
-        k, b = transforms.shape[:2]
-        power = np.abs(transforms.reshape(k * b, -1)).astype(np.float64) ** 2
+        """``sum_q m w_g |V|^2`` for every mask group and transform: (G, m)."""
+        power = np.abs(transforms.reshape(len(transforms), -1)).astype(np.float64) ** 2
         groups = self.mask_weights.reshape(len(self.mask_weights), -1)
-        return (groups @ power.T).reshape(-1, k, b)
+        return groups @ power.T
 
     def pair_batches(self, conj_transforms, candidates):
         """Yield ``(particles, local rotations, cross terms)`` of the searched pairs.
@@ -710,9 +718,12 @@ class _Scorer:
         )
 
 
-def _block_transforms(model, search, settings, transforms, block, needed=None):
+def _block_transforms(model, search, settings, transforms, block, needed):
+    """The transforms of a block's ``needed`` (K, b) pairs, (m, ...) in the order of
+    ``np.flatnonzero(needed)``: rotated here unless ``transforms`` holds them all."""
     if transforms is not None:
-        return transforms[:, block]
+        mine = transforms[:, block]
+        return mine.reshape(-1, *mine.shape[2:]) if needed.all() else mine[needed]
     return _rotate_block(model.references, search.rotations[block], settings, needed)
 
 
@@ -744,10 +755,13 @@ def _block_pairs(scorer, chunk, model, search, settings, transforms, block, allo
         return
     rotated = _block_transforms(model, search, settings, transforms, block, needed)
     power = scorer.masked_power(rotated)
+    slots = _slots(needed)
     for k in np.flatnonzero(needed.any(axis=1)):
-        searched = None if candidates is None else candidates[:, k]
-        for p, r, cross in scorer.pair_batches(np.conj(rotated[k]), searched):
-            yield k, p, r, cross, power[chunk.group[p], k, r]
+        rows = np.flatnonzero(needed[k])
+        searched = None if candidates is None else candidates[:, k, rows]
+        conj = np.conj(rotated[slots[k, rows]])
+        for p, r, cross in scorer.pair_batches(conj, searched):
+            yield k, p, rows[r], cross, power[chunk.group[p], slots[k, rows[r]]]
 
 
 def _batches(n: int, size: int):
@@ -994,14 +1008,15 @@ def _accumulate_block(chunk, model, search, settings, first, kept, log_norm, tra
     stats = SufficientStatistics.zeros(n_classes, half_grid_shape(d))
     if not kept.any():
         return stats
-    conj = power = None
+    conj = power = slots = None
     if first.relative is None:
-        rotated = _block_transforms(
-            model, search, settings, transforms, block, kept.any(axis=0)
-        )
+        needed = kept.any(axis=0)
+        rotated = _block_transforms(model, search, settings, transforms, block, needed)
         power = scorer.masked_power(rotated)
         conj = np.conj(rotated)
-    sums = np.zeros((n_classes, len(block), *half_grid_shape(d)), dtype=np.complex128)
+        slots = _slots(needed)
+    # Keyed by (class, orientation): a sparse block keeps only the pairs it visits.
+    sums = {}
     mass = np.zeros((len(settings.masks), n_classes, len(block)))
     shift_sq = np.sum(search.shifts.astype(np.float64) ** 2, axis=1)
     for k in range(n_classes):
@@ -1009,8 +1024,8 @@ def _accumulate_block(chunk, model, search, settings, first, kept, log_norm, tra
         for batch in _batches(len(particles), scorer.batch):
             p, r = particles[batch], local[batch]
             if first.relative is None:
-                cross = scorer.gathered_cross(p, r, conj[k])
-                score, residual = scorer.scores(k, p, cross, power[chunk.group[p], k, r])
+                cross = scorer.gathered_cross(p, slots[k, r], conj)
+                score, residual = scorer.scores(k, p, cross, power[chunk.group[p], slots[k, r]])
             else:
                 score = first.relative[p, k, r] + first.pair_max[p, k, r][:, None]
                 residual = scorer.residuals(k, p, score)
@@ -1025,7 +1040,8 @@ def _accumulate_block(chunk, model, search, settings, first, kept, log_norm, tra
             present, starts = np.unique(r, return_index=True)
             # Slice sums: numpy's reduceat is several times slower on complex data.
             for ri, lo, hi in zip(present, starts, [*starts[1:], len(r)], strict=True):
-                sums[k, ri] += weighted[lo:hi].sum(axis=0)
+                part = weighted[lo:hi].sum(axis=0, dtype=np.complex128)
+                sums[k, ri] = sums[k, ri] + part if (k, ri) in sums else part
     _rotate_back(stats, sums, mass, search.rotations[block], settings, scorer.backend, d)
     return stats
 

@@ -7,6 +7,7 @@ from scipy.optimize import linear_sum_assignment
 from scipy.spatial.transform import Rotation
 
 from .fft import frequency_grid, hermitian_multiplicity
+from .sampling import nearest_grid_index
 
 __all__ = [
     "class_purity",
@@ -42,7 +43,9 @@ def class_purity(labels_true, labels_pred) -> float:
     return float(table[rows, cols].sum() / t.size)
 
 
-def orientation_errors(rotations_true, rotations_pred, symmetry_matrices=None) -> np.ndarray:
+def orientation_errors(
+    rotations_true, rotations_pred, symmetry_matrices=None, grid=None
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Angular error in degrees of each particle's orientation, up to one global rotation.
 
     A reference-free run recovers a class average in an arbitrary orientation, so
@@ -57,10 +60,20 @@ def orientation_errors(rotations_true, rotations_pred, symmetry_matrices=None) -
     rotations_true, rotations_pred : array-like of shape (N, 3, 3)
     symmetry_matrices : array-like of shape (S, 3, 3), optional
         Point group of the true structure (e.g. ``symmetry_group("D7").as_matrix()``).
+    grid : Rotation, optional
+        The orientations a search chose from. Where given, the errors of the grid
+        rotations nearest to each ``R_true_i g G`` are returned as well: the
+        smallest errors any search on that grid can reach in the recovered frame.
+        How far this floor lies depends on G, since a grid closed under some
+        symmetry mates offers a structure of that symmetry fewer distinct
+        choices when its frame lines up with the grid's: compare errors with
+        their floor, not across runs.
 
     Returns
     -------
-    ndarray of shape (N,)
+    errors : ndarray of shape (N,)
+    floor : ndarray of shape (N,)
+        Only where ``grid`` is given.
     """
     true = np.asarray(rotations_true, dtype=np.float64)
     pred = np.asarray(rotations_pred, dtype=np.float64)
@@ -84,12 +97,18 @@ def orientation_errors(rotations_true, rotations_pred, symmetry_matrices=None) -
     _, choice = errors_for(offset)
     aligned = mates[np.arange(len(true)), choice]
     offset = Rotation.from_matrix(np.einsum("nji,njk->nik", aligned, pred)).mean().as_matrix()
-    return np.degrees(errors_for(offset)[0])
+    errors = np.degrees(errors_for(offset)[0])
+    if grid is None:
+        return errors
+    ideal = Rotation.from_matrix((mates @ offset).reshape(-1, 3, 3))
+    nearest = grid[nearest_grid_index(grid, ideal)]
+    floor = (nearest.inv() * ideal).magnitude().reshape(len(true), len(group)).min(axis=1)
+    return errors, np.degrees(floor)
 
 
 def classified_orientation_errors(
-    labels_true, labels_pred, rotations_true, rotations_pred, symmetries=None
-) -> np.ndarray:
+    labels_true, labels_pred, rotations_true, rotations_pred, symmetries=None, grid=None
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Orientation errors of the particles each found class shares with its true class.
 
     Each found class is matched to the true class most of its particles come from;
@@ -102,14 +121,20 @@ def classified_orientation_errors(
     rotations_true, rotations_pred : array-like of shape (N, 3, 3)
     symmetries : sequence of (S, 3, 3) arrays or None, optional
         Point group of each true class, indexed by its label.
+    grid : Rotation, optional
+        Also return the same particles' error floor on this grid (see
+        :func:`orientation_errors`).
 
     Returns
     -------
-    ndarray of the errors in degrees, concatenated over found classes.
+    errors : ndarray
+        In degrees, concatenated over found classes.
+    floor : ndarray
+        Only where ``grid`` is given.
     """
     t = np.asarray(labels_true)
     p = np.asarray(labels_pred)
-    errors = []
+    parts = []
     for k in np.unique(p):
         members = p == k
         values, counts = np.unique(t[members], return_counts=True)
@@ -118,12 +143,16 @@ def classified_orientation_errors(
         if members.sum() < 2:
             continue
         group = None if symmetries is None else symmetries[true_class]
-        errors.append(
-            orientation_errors(
-                np.asarray(rotations_true)[members], np.asarray(rotations_pred)[members], group
-            )
+        found = orientation_errors(
+            np.asarray(rotations_true)[members], np.asarray(rotations_pred)[members], group,
+            grid,
         )
-    return np.concatenate(errors) if errors else np.empty(0)
+        parts.append(found)
+    if grid is None:
+        return np.concatenate(parts) if parts else np.empty(0)
+    if not parts:
+        return np.empty(0), np.empty(0)
+    return tuple(np.concatenate(column) for column in zip(*parts, strict=True))
 
 
 def fsc(map1, map2, voxel_size=1.0) -> tuple[np.ndarray, np.ndarray]:

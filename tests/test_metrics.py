@@ -25,7 +25,7 @@ from mlsubtomo.metrics import (
     fsc_resolution,
     orientation_errors,
 )
-from mlsubtomo.sampling import symmetry_group
+from mlsubtomo.sampling import nearest_grid_index, so3_grid, symmetry_group
 from mlsubtomo.simulate import lowpass
 
 # ---------------------------------------------------------------------------
@@ -353,3 +353,67 @@ def test_classified_orientation_errors_leave_out_misclassified_particles():
     errors = classified_orientation_errors(labels, found, true, pred, groups)
     assert errors.shape == (len(labels) - 1,)
     assert classified_orientation_errors([0, 1], [0, 1], true[:2], pred[:2]).shape == (0,)
+
+
+# ---------------------------------------------------------------------------
+# the grid's error floor
+# ---------------------------------------------------------------------------
+
+
+def _grid_assignment(true, offset, group, grid):
+    """The grid rotation nearest to any symmetry mate of each ``R_true g G``."""
+    mates = np.einsum("nij,hjk,kl->nhil", true, group, offset).reshape(-1, 3, 3)
+    mates = Rotation.from_matrix(mates)
+    index = nearest_grid_index(grid, mates)
+    angles = (grid[index].inv() * mates).magnitude().reshape(len(true), len(group))
+    best = index.reshape(len(true), len(group))[np.arange(len(true)), angles.argmin(axis=1)]
+    return grid[best].as_matrix()
+
+
+def test_grid_floor_is_zero_on_a_grid_holding_the_answers():
+    true = _random_rotations(40, 21)
+    offset = Rotation.random(random_state=22).as_matrix()
+    grid = Rotation.from_matrix(np.concatenate([true @ offset, _random_rotations(40, 23)]))
+    errors, floor = orientation_errors(true, true @ offset, grid=grid)
+    assert errors.max() < 1e-5 and floor.max() < 1e-5
+
+
+@pytest.mark.parametrize("symmetry", ["C1", "D7"])
+def test_grid_floor_never_exceeds_the_error_of_a_grid_prediction(symmetry):
+    """Any prediction taken from the grid is one of the candidates the floor minimises over."""
+    group = symmetry_group(symmetry).as_matrix()
+    grid = so3_grid(30.0)
+    true = _random_rotations(80, 24)
+    pred = grid[np.random.default_rng(25).integers(len(grid), size=80)].as_matrix()
+    errors, floor = orientation_errors(true, pred, group, grid)
+    assert np.all(floor <= errors + 1e-9)
+    assert np.median(errors) > 30.0 > np.median(floor)
+
+
+def test_grid_floor_depends_on_the_recovered_frame():
+    """The C1 grid of 15 degrees is closed under D7 about z, so a D7 structure whose
+    frame lines up with it gets one distinct choice where a tilted frame gets 14."""
+    group = symmetry_group("D7").as_matrix()
+    grid = so3_grid(15.0)
+    true = _random_rotations(150, 26)
+    floors = {}
+    for name, offset in {"aligned": np.eye(3),
+                         "tilted": Rotation.random(random_state=27).as_matrix()}.items():
+        pred = _grid_assignment(true, offset, group, grid)
+        errors, floor = orientation_errors(true, pred, group, grid)
+        assert np.all(floor <= errors + 1e-9)
+        floors[name] = np.median(floor)
+    assert floors["aligned"] > 1.5 * floors["tilted"]
+
+
+def test_classified_errors_return_the_floor_of_the_same_particles():
+    group = symmetry_group("C7").as_matrix()
+    grid = so3_grid(30.0)
+    true = _random_rotations(60, 28)
+    labels = np.repeat([0, 1], 30)
+    pred = _grid_assignment(true, np.eye(3), group, grid)
+    errors, floor = classified_orientation_errors(labels, labels, true, pred, [group, group], grid)
+    assert errors.shape == floor.shape == (60,)
+    alone = classified_orientation_errors(labels, labels, true, pred, [group, group])
+    np.testing.assert_allclose(errors, alone)
+    assert np.all(floor <= errors + 1e-9)
