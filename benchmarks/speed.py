@@ -285,7 +285,7 @@ def part_modes(quick: bool, save, out: Path, modes=("accelerated", "exhaustive")
             seconds = time.perf_counter() - start
             out.mkdir(parents=True, exist_ok=True)
             np.savez_compressed(out / f"modes_{mode}_snr{snr}.npz", labels=est.labels_,
-                                rotations=est.rotations_, references=est.references_)
+                                rotations=est.rotations_)
             rows.append({
                 "snr": snr, "mode": mode, "options": extra, "seconds": seconds,
                 "n_jobs": n_jobs, "date": time.strftime("%Y-%m-%d %H:%M"),
