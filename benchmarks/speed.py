@@ -218,6 +218,7 @@ MODES = {"exhaustive": {}, "accelerated": ACCELERATED, **SINGLE_MODES}
 
 
 def _modes_data(quick: bool, snr: float):
+    """The modes part's particles at this SNR (the same for every mode)."""
     n, d, _, shift, _ = _modes_setting(quick)
     return make_dataset(_phantoms(d, 2), n, masks=WEDGE, snr=snr, max_shift=shift,
                         random_state=1)
@@ -298,8 +299,9 @@ def part_modes(quick: bool, save, out: Path, modes=("accelerated", "exhaustive")
             print(json.dumps(rows[-1]), flush=True)
             # An hour's work: keep what is done.
             save({"setting": setting, "rows": rows, "complete": False})
+        # Rows kept from earlier runs are measured again from their saved poses.
         for row in rows:
-            if row["snr"] == snr:
+            if row["snr"] == snr and row["mode"] not in modes:
                 row.update(_accuracy(row, data, step, out))
     return {"setting": setting, "rows": rows, "complete": True}
 

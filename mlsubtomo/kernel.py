@@ -718,13 +718,16 @@ class _Scorer:
         )
 
 
-def _block_transforms(model, search, settings, transforms, block, needed):
+def _block_transforms(scorer, model, search, settings, transforms, block, needed):
     """The transforms of a block's ``needed`` (K, b) pairs, (m, ...) in the order of
-    ``np.flatnonzero(needed)``: rotated here unless ``transforms`` holds them all."""
-    if transforms is not None:
+    ``np.flatnonzero(needed)`` (rotated here unless ``transforms`` holds them all),
+    their masked power (G, m) and the slots (K, b) that index them."""
+    if transforms is None:
+        rotated = _rotate_block(model.references, search.rotations[block], settings, needed)
+    else:
         mine = transforms[:, block]
-        return mine.reshape(-1, *mine.shape[2:]) if needed.all() else mine[needed]
-    return _rotate_block(model.references, search.rotations[block], settings, needed)
+        rotated = mine.reshape(-1, *mine.shape[2:]) if needed.all() else mine[needed]
+    return rotated, scorer.masked_power(rotated), _slots(needed)
 
 
 def _block_candidates(chunk, block, n_classes):
@@ -753,9 +756,9 @@ def _block_pairs(scorer, chunk, model, search, settings, transforms, block, allo
     needed = _searched_pairs(candidates, allowed, len(block))
     if not needed.any():
         return
-    rotated = _block_transforms(model, search, settings, transforms, block, needed)
-    power = scorer.masked_power(rotated)
-    slots = _slots(needed)
+    rotated, power, slots = _block_transforms(
+        scorer, model, search, settings, transforms, block, needed
+    )
     for k in np.flatnonzero(needed.any(axis=1)):
         rows = np.flatnonzero(needed[k])
         searched = None if candidates is None else candidates[:, k, rows]
@@ -1010,11 +1013,10 @@ def _accumulate_block(chunk, model, search, settings, first, kept, log_norm, tra
         return stats
     conj = power = slots = None
     if first.relative is None:
-        needed = kept.any(axis=0)
-        rotated = _block_transforms(model, search, settings, transforms, block, needed)
-        power = scorer.masked_power(rotated)
+        rotated, power, slots = _block_transforms(
+            scorer, model, search, settings, transforms, block, kept.any(axis=0)
+        )
         conj = np.conj(rotated)
-        slots = _slots(needed)
     # Keyed by (class, orientation): a sparse block keeps only the pairs it visits.
     sums = {}
     mass = np.zeros((len(settings.masks), n_classes, len(block)))
@@ -1041,7 +1043,10 @@ def _accumulate_block(chunk, model, search, settings, first, kept, log_norm, tra
             # Slice sums: numpy's reduceat is several times slower on complex data.
             for ri, lo, hi in zip(present, starts, [*starts[1:], len(r)], strict=True):
                 part = weighted[lo:hi].sum(axis=0, dtype=np.complex128)
-                sums[k, ri] = sums[k, ri] + part if (k, ri) in sums else part
+                if (k, ri) in sums:
+                    sums[k, ri] += part
+                else:
+                    sums[k, ri] = part
     _rotate_back(stats, sums, mass, search.rotations[block], settings, scorer.backend, d)
     return stats
 
