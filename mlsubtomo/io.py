@@ -703,6 +703,9 @@ def write_map(path, volume, voxel_size, overwrite=False, *, protect=()) -> Path:
     def write(tmp: Path) -> None:
         with mrcfile.new(tmp, overwrite=True) as mrc:
             mrc.set_data(data)  # also sets the mode, dimensions and statistics
+            # mrcfile averages in float32, and its own validator, which averages in
+            # float64, then rejects maps of mean near zero (class averages are).
+            mrc.header.dmean = np.float32(data.mean(dtype=np.float64))
             mrc.voxel_size = vs
 
     _atomic_write(path, write)
