@@ -32,6 +32,7 @@ import dataclasses
 import functools
 from dataclasses import dataclass, field
 
+import numba
 import numpy as np
 from joblib import Parallel, delayed
 from scipy.spatial.transform import Rotation
@@ -663,18 +664,8 @@ class _Scorer:
         ``conj_transforms`` holds the conjugated transforms of one class over an
         orientation block; ``candidates`` (n, b) restricts the pairs, None searches all.
         """
-        data = self.chunk.data
-        b = len(conj_transforms)
         if candidates is None:
-            # Whole rows of particles: products by broadcasting, without gathers.
-            rows = max(1, self.batch // b)
-            for start in range(0, len(data), rows):
-                stop = min(len(data), start + rows)
-                products = data[start:stop, None] * conj_transforms[None]
-                cross = self.shift_sums.cross(products.reshape(-1, *data.shape[1:]))
-                p = np.repeat(np.arange(start, stop), b)
-                yield p, np.tile(np.arange(b), stop - start), cross
-            return
+            candidates = np.ones((len(self.chunk), len(conj_transforms)), dtype=bool)
         particles, local = np.nonzero(candidates)
         for batch in _batches(len(particles), self.batch):
             p, r = particles[batch], local[batch]
@@ -682,7 +673,13 @@ class _Scorer:
 
     def gathered_cross(self, particles, local, conj_transforms):
         """Cross terms of the pairs (particles[j], conj_transforms[local[j]])."""
-        return self.shift_sums.cross(self.chunk.data[particles] * conj_transforms[local])
+        data = self.chunk.data
+        products = np.empty((len(particles), *data.shape[1:]), dtype=np.complex64)
+        _gathered_products(
+            data.reshape(len(data), -1), conj_transforms.reshape(len(conj_transforms), -1),
+            particles, local, products.reshape(len(particles), -1),
+        )
+        return self.shift_sums.cross(products)
 
     def correlations(self, particles, cross, power):
         """Constrained cross-correlation over O_j for every shift (reference section 4b).
@@ -716,6 +713,17 @@ class _Scorer:
             + self.log_orientation_prior[particles, None]
             + self.log_shift_prior[None, :]
         )
+
+
+@numba.njit(cache=True, nogil=True)
+def _gathered_products(data, transforms, particles, local, out):  # pragma: no cover - compiled
+    """``out[j] = data[particles[j]] * transforms[local[j]]`` without the two gathered
+    copies numpy makes first: a third of the memory traffic of the sparse searches."""
+    for j in range(len(particles)):
+        a = data[particles[j]]
+        b = transforms[local[j]]
+        for i in range(a.shape[0]):
+            out[j, i] = a[i] * b[i]
 
 
 def _block_transforms(scorer, model, search, settings, transforms, block, needed):
