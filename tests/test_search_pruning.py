@@ -440,31 +440,51 @@ def test_significant_pairs(threshold):
     assert significant.reshape(50, -1).sum(axis=1).min() >= 1
 
 
-def test_posterior_modes_keep_every_peak_within_the_margin():
-    # Each particle's pair posterior falls off with the angle to three peaks 120
-    # degrees apart (as at the symmetry mates of a symmetric particle), 0, 60 and
-    # 150 nats below its best.
+def _peaks(rotations, n, seed):
+    """Three grid orientations 120 degrees apart for each of n particles, (3,) of (n,)."""
+    base = Rotation.random(n, random_state=seed)
+    turns = Rotation.from_rotvec(np.radians(120.0) * np.eye(3)[[0, 0, 1]] * [[0], [1], [1]])
+    # On grid orientations, so that each peak has a single best grid point.
+    return [rotations[nearest_grid_index(rotations, base * turn)] for turn in turns]
+
+
+def _peaked_mass(rotations, peaks, heights, slope):
+    """(3, n, R): log posteriors falling off by ``slope`` nats per radian from each peak."""
+    def angles(p):
+        dots = np.abs(p.as_quat() @ rotations.as_quat().T)
+        return 2.0 * np.arccos(np.clip(dots, 0.0, 1.0))
+
+    return np.stack([h - slope * angles(p) for h, p in zip(heights, peaks, strict=True)])
+
+
+@pytest.mark.parametrize(
+    "slope, heights, gap",
+    [
+        # Steep (high SNR): the best peak falls by more than coarse_margin within
+        # its neighbourhood, so the margin is the window; 60 nats is inside, 150 not.
+        (200.0, (0.0, -60.0, -150.0), 20.0),
+        # Broad (low SNR): it falls by 10.5-15.7 nats within its neighbourhood
+        # (30-45 degrees on this grid), so 6 and 9 nats below are inside and 20 not,
+        # though all are within coarse_margin.
+        (20.0, (0.0, -6.0, -20.0), 3.0),
+    ],
+)
+def test_posterior_modes_keep_the_peaks_that_could_overtake_the_best(slope, heights, gap):
+    # Each particle's pair posterior falls off with the angle to three peaks (as at
+    # the symmetry mates of a symmetric particle); class 1 has the first two, ``gap``
+    # nats lower.
     est = MissingDataMLClassifier(2, angular_step=30.0, coarse_margin=100.0)
     grid = est._orientation_grid()
     rotations = Rotation.from_matrix(grid)
     n = 12
-    base = Rotation.random(n, random_state=3)
-    turns = Rotation.from_rotvec(np.radians(120.0) * np.eye(3)[[0, 0, 1]] * [[0], [1], [1]])
-    # Peaks on grid orientations, so that each has a single best grid point.
-    peaks = [rotations[nearest_grid_index(rotations, base * turn)] for turn in turns]
-    heights = (0.0, -60.0, -150.0)
-    def angles(p):  # (n, R) radians between each particle's peak and the grid
-        dots = np.abs(p.as_quat() @ rotations.as_quat().T)
-        return 2.0 * np.arccos(np.clip(dots, 0.0, 1.0))
-
-    bumps = np.stack([h - 200.0 * angles(p) for h, p in zip(heights, peaks, strict=True)])
-    mass = np.stack([bumps.max(axis=0), bumps[:2].max(axis=0) - 20.0], axis=1)
+    peaks = _peaks(rotations, n, 3)
+    bumps = _peaked_mass(rotations, peaks, heights, slope)
+    mass = np.stack([bumps.max(axis=0), bumps[:2].max(axis=0) - gap], axis=1)
     mass[::4, 1] = -np.inf  # a class not searched for these particles
     modes = est._posterior_modes(mass, est._grid_neighbours(grid))
     assert modes.shape == mass.shape and modes.dtype == bool
-    assert not modes[::4, 1].any()
-    # Exactly the grid orientations nearest to the two peaks within the margin, in
-    # each class searched; not the one beyond it.
+    # Exactly the grid orientations nearest to the first two peaks, in each class
+    # searched; not the third.
     nearest = np.stack([nearest_grid_index(rotations, p) for p in peaks], axis=1)
     expected = np.zeros_like(modes)
     rows = np.arange(n)
