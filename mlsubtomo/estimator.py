@@ -48,8 +48,9 @@ _SIGMA_FLOOR = 1e-5
 # Coarse-to-fine candidates covering more than this fraction of the (particle, class,
 # orientation) pairs are replaced by the whole grid (see MissingDataMLClassifier._e_step).
 _DENSE_CANDIDATES = 0.5
-# Particles whose (K, R, neighbours) posterior gathers are compared at once.
-_MODE_BATCH = 16
+# Bytes of the (particles, K, R, neighbours) posterior gathers compared at once, and
+# of the (rows, R) neighbourhood blocks of the grid.
+_MODE_BATCH_BYTES = 1 << 25
 # Accepted range of max |X|. The float32 kernel gave the same labels and references
 # for unit-variance data scaled by 1e-18 to 1e18 (D = 8 and 16), not at 1e-22
 # (squares underflow) or 1e20 (products overflow); sums over D^3 voxels narrow that
@@ -698,7 +699,7 @@ class MissingDataMLClassifier(DensityMixin, _SubtomogramClassifier):
             local = self.local_refinement if run.get("refining") is not None else None
             stats, result, halves = self._e_step(
                 data, settings, rotations, run["rotations"], True, local,
-                run.get("previous") if local is not None else None,
+                run.get("previous") if local is not None else None, keep_pairs=refines,
             )
             self.log_likelihood_history_.append(stats.log_likelihood)
             labels = np.argmax(result.class_log_posterior, axis=1)
@@ -783,15 +784,15 @@ class MissingDataMLClassifier(DensityMixin, _SubtomogramClassifier):
 
     def _e_step(
         self, data, settings, rotations, current_rotations, accumulate, local=None,
-        previous=None,
+        previous=None, keep_pairs=False,
     ):
         """Scores, posteriors and (optionally) statistics for all particles.
 
         ``local`` (degrees) searches near ``current_rotations``, or with ``previous``
         (the rotations of an earlier E-step and its significant pairs, (n, K, R)
         bool) near each particle's significant pairs; a global search is
-        coarse-to-fine with ``coarse_step``. With ``local_refinement`` set, the
-        result keeps ``pair_log_mass`` for the next iteration. In a Fourier crop the
+        coarse-to-fine with ``coarse_step``. With ``keep_pairs`` (and ``accumulate``)
+        the result keeps ``pair_log_mass`` for the next iteration. In a Fourier crop the
         statistics are returned on the full half grid (zero outside the crop), with
         the cropped hard-assignment statistics of the two half sets (even- and
         odd-numbered particles at their best poses) for the FSC.
@@ -820,7 +821,7 @@ class MissingDataMLClassifier(DensityMixin, _SubtomogramClassifier):
         result, stats = self._run_kernel(
             kernel.e_step, data, self._model(), search, current_rotations, settings,
             local=local, candidates=candidates, accumulate=accumulate,
-            keep_pairs=accumulate and self.local_refinement is not None and self.align,
+            keep_pairs=accumulate and keep_pairs,
         )
         if not accumulate:
             return None, result, None
@@ -865,9 +866,10 @@ class MissingDataMLClassifier(DensityMixin, _SubtomogramClassifier):
         search follows a peak out of the patch it was searched in.
         """
         n, k, r = pair_log_mass.shape
+        batch = max(1, _MODE_BATCH_BYTES // (8 * k * r * neighbours.shape[1]))
         modes = np.zeros(pair_log_mass.shape, dtype=bool)
-        for start in range(0, n, _MODE_BATCH):
-            mass = pair_log_mass[start:start + _MODE_BATCH]
+        for start in range(0, n, batch):
+            mass = pair_log_mass[start:start + batch]
             flat = mass.reshape(len(mass), -1)
             best = np.max(flat, axis=1)
             top_class, top = np.unravel_index(np.argmax(flat, axis=1), (k, r))
@@ -878,7 +880,7 @@ class MissingDataMLClassifier(DensityMixin, _SubtomogramClassifier):
             around = mass[np.arange(len(mass))[:, None], top_class[:, None], neighbours[top]]
             floor = np.min(np.where(np.isfinite(around), around, best[:, None]), axis=1)
             window = np.minimum(self.coarse_margin, best - floor)
-            modes[start:start + _MODE_BATCH] = (
+            modes[start:start + batch] = (
                 np.isfinite(mass) & (mass >= (best - window)[:, None, None])
                 & (mass >= np.max(mass[:, :, neighbours], axis=3))
             )
@@ -888,11 +890,18 @@ class MissingDataMLClassifier(DensityMixin, _SubtomogramClassifier):
         """(R, m) int: the orientations of ``grid`` within 1.5 steps of each, padded
         with itself. A perturbation turns the whole grid, which keeps these distances."""
         grid = Rotation.from_matrix(grid)
-        near = local_neighbourhood(grid, grid, 1.5 * self.angular_step, self.symmetry)
-        index = np.tile(np.arange(len(near))[:, None], (1, near.sum(axis=1).max()))
-        for r, row in enumerate(near):
-            found = np.flatnonzero(row)
-            index[r, : len(found)] = found
+        # Row blocks: the whole (R, R) table of a fine grid would not fit.
+        rows = max(1, _MODE_BATCH_BYTES // len(grid))
+        found = [
+            np.flatnonzero(row)
+            for start in range(0, len(grid), rows)
+            for row in local_neighbourhood(
+                grid, grid[start:start + rows], 1.5 * self.angular_step, self.symmetry
+            )
+        ]
+        index = np.tile(np.arange(len(grid))[:, None], (1, max(map(len, found))))
+        for r, near in enumerate(found):
+            index[r, : len(near)] = near
         return index
 
     def _reached(self, centres, chosen, rotations, radius):
