@@ -8,8 +8,10 @@ For a chunk of particles and the current model this module
    over all shifts comes from ``w_i X_i conj(R A_k)`` per (particle, class,
    orientation), summed either by one inverse FFT of the whole volume or, for a
    small cube of shifts, by partial DFTs that compute only the shifts searched
-   (three matrix products); the masked power ``sum_q m w_i |R A_k|^2`` of all
-   particles comes from one matrix product per orientation block;
+   (three matrix products, the first over the lines of the half grid that carry
+   data: about half of them under a +-60 degree wedge); the masked power
+   ``sum_q m w_i |R A_k|^2`` of all particles comes from one matrix product per
+   orientation block;
 3. normalises with log-sum-exp, giving each particle's log-likelihood, class
    posteriors and best (class, orientation, shift);
 4. (``accumulate=True``) accumulates the sufficient statistics of design section 2b
@@ -537,48 +539,86 @@ def chunk_plan(
     return max(1, min(n_particles, int(available // per_particle))), False, share
 
 
+class _Lines:
+    """The y-lines of the half grid that carry data, and arrays laid out along them.
+
+    A line is a (z, x) column of the half grid; it is live when some voxel on it is
+    in an observed set of the settings' masks (band included). A wedge about y
+    observes whole lines or none, and the band leaves out the lines beyond its
+    radius, so about half the lines of a +-60 degree wedge are live. Pair products
+    vanish on the other lines, so they are stored as (m, D, L): y, then the live
+    lines, and the window sums skip the rest.
+    """
+
+    def __init__(self, mask_arrays, every=False):
+        _, d, _, h = mask_arrays.shape
+        live = np.ones((d, h), dtype=bool) if every else mask_arrays.any(axis=(0, 2))
+        self.d, self.h = d, h
+        self.columns = np.flatnonzero(live)
+        z, x = np.divmod(self.columns, h)
+        self.flat = (z[None, :] * d + np.arange(d)[:, None]) * h + x[None, :]
+        self.shape = (d, len(self.columns))
+
+    def compact(self, arrays: np.ndarray) -> np.ndarray:
+        """(m, D, L), C-contiguous, from half grids (m, D, D, D//2+1)."""
+        return np.ascontiguousarray(arrays.reshape(len(arrays), -1)[:, self.flat])
+
+    def expand(self, compact: np.ndarray) -> np.ndarray:
+        """The half grid (D, D, D//2+1) of one compact array (D, L), zero off the lines."""
+        d, h = self.d, self.h
+        full = np.zeros(d * d * h, dtype=compact.dtype)
+        full[self.flat] = compact
+        return full.reshape(d, d, h)
+
+
 class _FourierShifts:
     """Sums over the full grid at integer shifts, by batched FFTs of whole volumes.
 
     ``cross(P)[j, t] = sum_q P_j(q) exp(+2 pi i q.t / D)`` over the full grid (real for
     Hermitian P), and ``spread(g)[j, q] = sum_t g_j(t) exp(+2 pi i q.t / D)`` on the
-    half grid.
+    half grid; both in the layout of ``_Lines(..., every=True)``, (y, z, x), which the
+    transforms treat as a volume with z and y swapped.
     """
 
     def __init__(self, box_size, shifts, backend):
         d = box_size
         tx, ty, tz = shifts.T
-        self.flat = ((tz % d) * d + (ty % d)) * d + (tx % d)
+        self.flat = ((ty % d) * d + (tz % d)) * d + (tx % d)
         self.d = d
         self.backend = backend
         # Undoes the orthonormal factor of the transforms.
         self.scale = float(d) ** 1.5
 
     def cross(self, products):
-        real = self.backend.irfftn(products, self.d).reshape(len(products), -1)
-        return real[:, self.flat].astype(np.float64) * self.scale
+        d = self.d
+        real = self.backend.irfftn(products.reshape(-1, d, d, d // 2 + 1), d)
+        return real.reshape(len(products), -1)[:, self.flat].astype(np.float64) * self.scale
 
     def spread(self, weights):
         d = self.d
         grid = np.zeros((len(weights), d**3), dtype=np.float32)
         grid[:, self.flat] = weights * self.scale
-        return np.conj(self.backend.rfftn(grid.reshape(-1, d, d, d)))
+        spread = np.conj(self.backend.rfftn(grid.reshape(-1, d, d, d)))
+        return spread.reshape(len(weights), d, -1)
 
 
 class _WindowShifts:
-    """The sums of :class:`_FourierShifts` for the cube of shifts ``|t|_inf <= L``.
+    """The sums of :class:`_FourierShifts` for the cube of shifts ``|t|_inf <= L``,
+    in the layout of ``lines``.
 
     Only ``n = 2L + 1`` outputs are needed along each axis, so each transform is three
-    matrix products (z, y, then the half x axis), the first costing ``n / D`` of a
-    dense pass; for small cubes this is well under the cost of one FFT.
+    matrix products (y over the live lines, z, then the half x axis), the first
+    costing ``n / D`` of a dense pass over the live lines; for small cubes this is well
+    under the cost of one FFT.
     """
 
-    def __init__(self, box_size, max_shift, period=None):
-        d = box_size
+    def __init__(self, lines, max_shift, period=None):
+        d = lines.d
         period = d if period is None else period
         t = np.arange(-max_shift, max_shift + 1)
         full = np.fft.fftfreq(d, 1.0 / d)
         half = np.arange(d // 2 + 1)
+        self.lines = lines
         self.d, self.n, self.h = d, len(t), d // 2 + 1
         phase = 2j * np.pi / period
         self.full_out = np.exp(phase * np.outer(t, full)).astype(np.complex64)
@@ -590,21 +630,37 @@ class _WindowShifts:
 
     def cross(self, products):
         p, d, n, h = len(products), self.d, self.n, self.h
-        g = np.matmul(self.full_out, products.reshape(p, d, d * h))
-        g = np.matmul(self.full_out, g.reshape(p * n, d, h))
+        g = np.matmul(self.full_out, products).reshape(p * n, -1)
+        grid = np.empty((p * n, d * h), dtype=np.complex64)
+        _scatter_columns(g, self.lines.columns, grid)
+        g = np.matmul(self.full_out, grid.reshape(p * n, d, h))
         g = g.reshape(-1, h) @ self.half_out
+        # (p, y, z, x) to the (z, y, x) order of the shifts.
+        g = g.reshape(p, n, n, n).transpose(0, 2, 1, 3)
         return g.real.reshape(p, n**3).astype(np.float64)
 
     def spread(self, weights):
         p, d, n, h = len(weights), self.d, self.n, self.h
-        g = weights.astype(np.complex64).reshape(p * n * n, n) @ self.half_in
-        g = np.matmul(self.full_in, g.reshape(p * n, n, h))
-        g = np.matmul(self.full_in, g.reshape(p, n, d * h))
-        return g.reshape(p, d, d, h)
+        g = weights.reshape(p, n, n, n).transpose(0, 2, 1, 3).astype(np.complex64)
+        g = g.reshape(p * n * n, n) @ self.half_in
+        g = np.matmul(self.full_in, g.reshape(p * n, n, h)).reshape(p * n, d * h)
+        g = g[:, self.lines.columns].reshape(p, n, -1)
+        return np.matmul(self.full_in, g)
 
 
-def _shift_sums(box_size, shifts, backend, method, period=None):
-    """The shift transform for ``method`` ("auto", "fft" or "window")."""
+@numba.njit(cache=True, nogil=True)
+def _scatter_columns(values, columns, out):  # pragma: no cover - compiled
+    """``out[:] = 0; out[:, columns] = values``, without numpy's fancy-index overhead."""
+    for i in range(out.shape[0]):
+        out[i, :] = 0
+        for j in range(columns.shape[0]):
+            out[i, columns[j]] = values[i, j]
+
+
+def _shift_sums(mask_arrays, shifts, backend, method, period=None):
+    """The shift transform for ``method`` ("auto", "fft" or "window") and the
+    :class:`_Lines` of its layout."""
+    box_size = mask_arrays.shape[-2]
     limit = int(np.max(np.abs(shifts))) if len(shifts) else 0
     cube = len(shifts) == (2 * limit + 1) ** 3 and np.array_equal(
         shifts, shift_window(limit, 0.0)[0]
@@ -618,30 +674,36 @@ def _shift_sums(box_size, shifts, backend, method, period=None):
     if method == "window" or cropped or (
         method == "auto" and cube and 4 * (2 * limit + 1) <= box_size
     ):
-        return _WindowShifts(box_size, limit, period)
-    return _FourierShifts(box_size, shifts, backend)
+        lines = _Lines(mask_arrays)
+        return _WindowShifts(lines, limit, period), lines
+    return _FourierShifts(box_size, shifts, backend), _Lines(mask_arrays, every=True)
 
 
 class _Scorer:
-    """Scores of (particle, class, orientation) pairs over the shift window."""
+    """Scores of (particle, class, orientation) pairs over the shift window.
+
+    One per kernel call, read by all its threads: it holds the chunk's data in the
+    layout of the shift sums (:class:`_Lines`).
+    """
 
     def __init__(self, chunk, model, search, settings):
         d = model.references.shape[-1]
         self.d = d
-        self.chunk = chunk
-        self.model = model
+        self.chunk, self.model, self.search, self.settings = chunk, model, search, settings
         self.backend = FFTBackend(settings.fft_backend, settings.threads)
-        self.shift_sums = _shift_sums(
-            d, search.shifts, self.backend, settings.shift_method, settings.shift_period
+        self.shift_sums, self.lines = _shift_sums(
+            settings.mask_arrays, search.shifts, self.backend, settings.shift_method,
+            settings.shift_period,
         )
+        self.data = self.lines.compact(chunk.data)
         self.inv_two_var = 1.0 / (2.0 * model.sigma**2)
         self.log_shift_prior = search.log_shift_prior
         self.finite_shift_prior = np.where(
             np.isfinite(search.log_shift_prior), search.log_shift_prior, 0.0
         )
-        self.mask_weights = settings.mask_arrays * hermitian_multiplicity(d)
+        self.mask_weights = self.lines.compact(settings.mask_arrays * hermitian_multiplicity(d))
         # A power of two, so that the batches of any pair list come in few sizes.
-        pair_bytes = 8 * d * d * (d // 2 + 1)
+        pair_bytes = 8 * self.data[0].size
         self.batch = 1 << max(0, int(np.log2(max(1, _PAIR_BATCH_BYTES // pair_bytes))))
         if search.log_orientation_prior is not None:
             self.log_orientation_prior = np.full(len(chunk), search.log_orientation_prior)
@@ -673,7 +735,7 @@ class _Scorer:
 
     def gathered_cross(self, particles, local, conj_transforms):
         """Cross terms of the pairs (particles[j], conj_transforms[local[j]])."""
-        data = self.chunk.data
+        data = self.data
         products = np.empty((len(particles), *data.shape[1:]), dtype=np.complex64)
         _gathered_products(
             data.reshape(len(data), -1), conj_transforms.reshape(len(conj_transforms), -1),
@@ -726,15 +788,19 @@ def _gathered_products(data, transforms, particles, local, out):  # pragma: no c
             out[j, i] = a[i] * b[i]
 
 
-def _block_transforms(scorer, model, search, settings, transforms, block, needed):
-    """The transforms of a block's ``needed`` (K, b) pairs, (m, ...) in the order of
-    ``np.flatnonzero(needed)`` (rotated here unless ``transforms`` holds them all),
-    their masked power (G, m) and the slots (K, b) that index them."""
+def _block_transforms(scorer, transforms, block, needed):
+    """The transforms of a block's ``needed`` (K, b) pairs in the scorer's layout,
+    (m, ...) in the order of ``np.flatnonzero(needed)`` (rotated here unless
+    ``transforms`` holds them all), their masked power (G, m) and the slots (K, b)
+    that index them."""
     if transforms is None:
-        rotated = _rotate_block(model.references, search.rotations[block], settings, needed)
+        rotated = _rotate_block(
+            scorer.model.references, scorer.search.rotations[block], scorer.settings, needed
+        )
     else:
         mine = transforms[:, block]
         rotated = mine.reshape(-1, *mine.shape[2:]) if needed.all() else mine[needed]
+    rotated = scorer.lines.compact(rotated)
     return rotated, scorer.masked_power(rotated), _slots(needed)
 
 
@@ -755,18 +821,17 @@ def _searched_pairs(candidates, allowed, n_block):
     return candidates.any(axis=0) & allowed[:, None]
 
 
-def _block_pairs(scorer, chunk, model, search, settings, transforms, block, allowed):
+def _block_pairs(scorer, transforms, block, allowed):
     """Yield ``(k, particles, local rotations, cross terms, masked power)`` for the
     pairs of one orientation block that are searched, in the classes ``allowed``
     (K,) bool; only the (class, orientation) pairs some particle searches are rotated."""
-    n_classes = model.references.shape[0]
+    chunk = scorer.chunk
+    n_classes = scorer.model.references.shape[0]
     candidates = _block_candidates(chunk, block, n_classes)
     needed = _searched_pairs(candidates, allowed, len(block))
     if not needed.any():
         return
-    rotated, power, slots = _block_transforms(
-        scorer, model, search, settings, transforms, block, needed
-    )
+    rotated, power, slots = _block_transforms(scorer, transforms, block, needed)
     for k in np.flatnonzero(needed.any(axis=1)):
         rows = np.flatnonzero(needed[k])
         searched = None if candidates is None else candidates[:, k, rows]
@@ -807,10 +872,10 @@ class _BlockScores:
     relative: np.ndarray | None = None
 
 
-def _score_block(chunk, model, search, settings, block, transforms):
+def _score_block(scorer, block, transforms):
     """First pass over one orientation block: per-pair maxima, log-sums and arguments."""
-    scorer = _Scorer(chunk, model, search, settings)
-    n, n_classes, b = len(chunk), model.references.shape[0], len(block)
+    model, search, settings = scorer.model, scorer.search, scorer.settings
+    n, n_classes, b = len(scorer.chunk), model.references.shape[0], len(block)
     out = _BlockScores(
         block,
         np.full((n, n_classes, b), -np.inf),
@@ -820,9 +885,7 @@ def _score_block(chunk, model, search, settings, block, transforms):
     if settings.keep_scores:
         out.relative = np.zeros((n, n_classes, b, len(search.shifts)), dtype=np.float32)
     allowed = np.isfinite(model.log_class_weights)
-    for k, p, r, cross, power in _block_pairs(
-        scorer, chunk, model, search, settings, transforms, block, allowed
-    ):
+    for k, p, r, cross, power in _block_pairs(scorer, transforms, block, allowed):
         score, _ = scorer.scores(k, p, cross, power)
         top = score.max(axis=1)
         relative = score - top[:, None]
@@ -879,9 +942,9 @@ def e_step(
     blocks = _blocks(n_rot, settings.orientation_block)
     share = 0.5 / len(blocks) if accumulate else 1.0 / len(blocks)
     first = []
+    scorer = _Scorer(chunk, model, search, settings)
     for part in _parallel(settings.n_jobs)(
-        delayed(_score_block)(chunk, model, search, settings, block, transforms)
-        for block in blocks
+        delayed(_score_block)(scorer, block, transforms) for block in blocks
     ):
         pair_max[:, :, part.block] = part.pair_max
         pair_lse[:, :, part.block] = part.pair_lse
@@ -916,8 +979,7 @@ def e_step(
         stats = SufficientStatistics.zeros(n_classes, half_grid_shape(model.references.shape[-1]))
         for part in _parallel(settings.n_jobs)(
             delayed(_accumulate_block)(
-                chunk, model, search, settings, part, kept[:, :, part.block], log_norm,
-                transforms,
+                scorer, part, kept[:, :, part.block], log_norm, transforms
             )
             for part in first
         ):
@@ -957,11 +1019,11 @@ def correlation_search(
     best_rotation = np.zeros((n, n_classes), dtype=np.int64)
     best_shift = np.zeros((n, n_classes), dtype=np.int64)
     blocks = _blocks(len(search.rotations), settings.orientation_block)
+    scorer = _Scorer(chunk, model, search, settings)
     # Blocks come back in orientation order and only a strictly better block wins, so
     # ties keep the first maximum in orientation order, as xmipp does.
     for top, rotation, shift in _parallel(settings.n_jobs)(
-        delayed(_correlate_block)(chunk, model, search, settings, block, transforms)
-        for block in blocks
+        delayed(_correlate_block)(scorer, block, transforms) for block in blocks
     ):
         better = top > best
         best[better], best_rotation[better], best_shift[better] = (
@@ -982,16 +1044,13 @@ def correlation_search(
     )
 
 
-def _correlate_block(chunk, model, search, settings, block, transforms):
+def _correlate_block(scorer, block, transforms):
     """Best correlation of each (particle, class) in one block, its orientation and shift."""
-    scorer = _Scorer(chunk, model, search, settings)
-    n, n_classes, b = len(chunk), model.references.shape[0], len(block)
+    n, n_classes, b = len(scorer.chunk), scorer.model.references.shape[0], len(block)
     top = np.full((n, n_classes, b), -np.inf)
     arg = np.zeros((n, n_classes, b), dtype=np.int64)
     allowed = np.ones(n_classes, dtype=bool)
-    for k, p, r, cross, power in _block_pairs(
-        scorer, chunk, model, search, settings, transforms, block, allowed
-    ):
+    for k, p, r, cross, power in _block_pairs(scorer, transforms, block, allowed):
         cc = scorer.correlations(p, cross, power)
         top[p, k, r], arg[p, k, r] = cc.max(axis=1), cc.argmax(axis=1)
     first = np.argmax(top, axis=2)[..., None]
@@ -1007,13 +1066,13 @@ def _significant_pairs(pair_max, pair_lse, threshold):
     return np.isfinite(pair_lse) & (np.exp(pair_max - best) > 0)
 
 
-def _accumulate_block(chunk, model, search, settings, first, kept, log_norm, transforms):
+def _accumulate_block(scorer, first, kept, log_norm, transforms):
     """Second pass over one orientation block: its share of the sufficient statistics.
 
     Pairs are visited orientation by orientation, so the particle-frame sums of each
     orientation are contiguous runs, added once and rotated back once.
     """
-    scorer = _Scorer(chunk, model, search, settings)
+    chunk, model, search, settings = scorer.chunk, scorer.model, scorer.search, scorer.settings
     d, block = scorer.d, first.block
     n_classes = model.references.shape[0]
     stats = SufficientStatistics.zeros(n_classes, half_grid_shape(d))
@@ -1021,9 +1080,7 @@ def _accumulate_block(chunk, model, search, settings, first, kept, log_norm, tra
         return stats
     conj = power = slots = None
     if first.relative is None:
-        rotated, power, slots = _block_transforms(
-            scorer, model, search, settings, transforms, block, kept.any(axis=0)
-        )
+        rotated, power, slots = _block_transforms(scorer, transforms, block, kept.any(axis=0))
         conj = np.conj(rotated)
     # Keyed by (class, orientation): a sparse block keeps only the pairs it visits.
     sums = {}
@@ -1046,7 +1103,7 @@ def _accumulate_block(chunk, model, search, settings, first, kept, log_norm, tra
             stats.shift_sum += float(np.sum(gamma @ shift_sq))
             np.add.at(mass, (chunk.group[p], k, r), pair_mass)
             weighted = scorer.shift_sums.spread(gamma)
-            weighted *= chunk.data[p]
+            weighted *= scorer.data[p]
             present, starts = np.unique(r, return_index=True)
             # Slice sums: numpy's reduceat is several times slower on complex data.
             for ri, lo, hi in zip(present, starts, [*starts[1:], len(r)], strict=True):
@@ -1055,12 +1112,14 @@ def _accumulate_block(chunk, model, search, settings, first, kept, log_norm, tra
                     sums[k, ri] += part
                 else:
                     sums[k, ri] = part
-    _rotate_back(stats, sums, mass, search.rotations[block], settings, scorer.backend, d)
+    _rotate_back(stats, sums, mass, search.rotations[block], scorer)
     return stats
 
 
-def _rotate_back(stats, sums, mass, rotations, settings, backend, d):
-    """Add the per-orientation sums to B_k and W_k in the reference frame."""
+def _rotate_back(stats, sums, mass, rotations, scorer):
+    """Add the per-orientation sums (in the scorer's layout) to B_k and W_k in the
+    reference frame."""
+    settings, backend, d = scorer.settings, scorer.backend, scorer.d
     n_groups, n_classes, n_block = mass.shape
     for r in range(n_block):
         if not np.any(mass[:, :, r] > 0):
@@ -1076,7 +1135,10 @@ def _rotate_back(stats, sums, mass, rotations, settings, backend, d):
         for k in range(n_classes):
             if np.any(mass[:, k, r] > 0):
                 counts = sum(mass[g, k, r] * m for g, m in rotated_masks.items())
-                _add_in_reference_frame(stats, k, sums[k, r], counts, inverse, settings, backend)
+                _add_in_reference_frame(
+                    stats, k, scorer.lines.expand(sums[k, r]), counts, inverse, settings,
+                    backend,
+                )
 
 
 def _add_in_reference_frame(stats, k, particle_frame_sum, counts, inverse, settings, backend):

@@ -74,19 +74,34 @@ def test_e_step_variants_agree(problem, changes):
 
 def test_window_cross_terms_equal_fft_ones():
     rng = np.random.default_rng(0)
+    backend = kernel.FFTBackend()
     for d, limit in [(12, 2), (13, 3), (16, 1)]:
         shifts, _ = kernel.shift_window(limit, 0.0)
-        backend = kernel.FFTBackend()
-        products = kernel.FFTBackend().rfftn(rng.normal(size=(3, d, d, d)))
-        fft = kernel._FourierShifts(d, shifts, backend)
-        window = kernel._WindowShifts(d, limit)
-        expected = fft.cross(products)
+        observed = MissingWedge(-60, 60).observed(d, max_resolution=0.5)[None]
+        products = backend.rfftn(rng.normal(size=(3, d, d, d))) * observed
+        fft, every = kernel._shift_sums(observed, shifts, backend, "fft")
+        window, lines = kernel._shift_sums(observed, shifts, backend, "window")
+        # A wedge about y observes whole y-lines or none: the window skips the rest.
+        assert lines.shape[1] < 0.6 * every.shape[1]
+        expected = fft.cross(every.compact(products))
         np.testing.assert_allclose(
-            window.cross(products), expected, atol=1e-4 * np.abs(expected).max()
+            window.cross(lines.compact(products)), expected, atol=1e-4 * np.abs(expected).max()
         )
         gamma = rng.uniform(size=(3, len(shifts)))
-        spread = fft.spread(gamma)
-        np.testing.assert_allclose(window.spread(gamma), spread, atol=1e-5 * np.abs(spread).max())
+        spread = np.stack([every.expand(s) for s in fft.spread(gamma)])
+        np.testing.assert_allclose(
+            window.spread(gamma), lines.compact(spread), atol=1e-5 * np.abs(spread).max()
+        )
+
+
+def test_lines_hold_every_observed_component():
+    observed = np.stack([m.observed(D, max_resolution=0.5) for m in (
+        MissingWedge(-60, 60), MissingCone(45)
+    )])
+    lines = kernel._Lines(observed)
+    weights = observed * np.arange(1.0, observed[0].size + 1).reshape(observed.shape[1:])
+    for w in weights:
+        np.testing.assert_array_equal(lines.expand(lines.compact(w[None])[0]), w)
 
 
 def test_window_needs_the_cube_of_shifts(problem):
