@@ -523,6 +523,23 @@ def test_local_search_around_the_previous_significant_pairs(easy):
     assert np.all(local.log_likelihood <= full.log_likelihood + 1e-6 * np.abs(full.log_likelihood))
 
 
+def test_final_assignment_after_local_refinement_is_the_global_best(easy):
+    data, _, _ = easy
+    params = dict(FIT, init_references=_asymmetric_references(), max_resolution=0.15,
+                  max_iter=8, perturb=False, tol=0.5)
+    refined = MissingDataMLClassifier(2, local_refinement=50.0, **params).fit(
+        data.volumes, masks=data.masks
+    )
+    assert refined.refinement_start_ is not None
+    # The global search at the refined model: every particle's best lies near the
+    # pairs its last local iteration kept, so the local final search finds it.
+    prepared, settings, *_ = refined._prepare_fit(data.volumes, data.masks, None, None)
+    grid = refined._orientation_grid()
+    full = refined._e_step(prepared, settings, grid, None, False)[1]
+    np.testing.assert_array_equal(refined.labels_, full.best_class)
+    np.testing.assert_allclose(refined.rotations_, grid[full.best_rotation], atol=1e-12)
+
+
 # ------------------------------------------------------------- parameter validation
 
 
