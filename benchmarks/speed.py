@@ -35,9 +35,13 @@ modes
     options, on the same data:
     run time, purity and median orientation error (up to the phantoms' D7 / C7
     symmetry and one global rotation per class). Modes: ``exhaustive``,
-    ``accelerated`` (all three options), and each option alone (``cropped``:
+    ``accelerated`` (all three options), ``accelerated_fourier`` (the same with
+    ``reference_rotation="fourier"``), and each option alone (``cropped``:
     ``min_box_size=16``, ``coarse``: ``coarse_step=30``, ``local``:
-    ``local_refinement=20``).
+    ``local_refinement=20``). ``--seeds`` repeats each run with other
+    ``random_state`` (random initial references and grid perturbations) on the same
+    data: a single run's error depends on its trajectory, so modes are compared by
+    the mean over seeds of their difference from the exhaustive run of the same seed.
 
 Results go to ``<out>/speed.json`` and ``<out>/speed.md``; parts run separately
 are merged into the JSON already there.
@@ -214,7 +218,11 @@ SINGLE_MODES = {
     "local": {"local_refinement": 20.0},
 }
 ACCELERATED = {k: v for options in SINGLE_MODES.values() for k, v in options.items()}
-MODES = {"exhaustive": {}, "accelerated": ACCELERATED, **SINGLE_MODES}
+MODES = {
+    "exhaustive": {}, "accelerated": ACCELERATED,
+    "accelerated_fourier": {**ACCELERATED, "reference_rotation": "fourier"},
+    **SINGLE_MODES,
+}
 
 
 def _modes_data(quick: bool, snr: float):
@@ -229,6 +237,13 @@ def _modes_setting(quick: bool):
     return (40, 16, 45.0, 1, 6) if quick else (200, 32, 15.0, 3, 40)
 
 
+def _poses_path(out: Path, row: dict) -> Path:
+    """Where a modes run saves its labels and orientations (seed 0: the older name)."""
+    seed = row.get("seed", 0)
+    suffix = f"_seed{seed}" if seed else ""
+    return out / f"modes_{row['mode']}_snr{row['snr']}{suffix}.npz"
+
+
 def _accuracy(row: dict, data, step: float, out: Path) -> dict:
     """Purity, orientation errors and their floor on the grid, from the run's saved poses.
 
@@ -236,7 +251,7 @@ def _accuracy(row: dict, data, step: float, out: Path) -> dict:
     against it (metrics.orientation_errors), so runs are compared by how far their
     error lies above that floor.
     """
-    path = out / f"modes_{row['mode']}_snr{row['snr']}.npz"
+    path = _poses_path(out, row)
     if not path.exists():
         return {}
     poses = np.load(path)
@@ -253,28 +268,33 @@ def _accuracy(row: dict, data, step: float, out: Path) -> dict:
     }
 
 
-def part_modes(quick: bool, save, out: Path, modes=("accelerated", "exhaustive"), n_jobs=-1,
-               previous=()) -> dict:
-    """Whole runs of each mode; rows of other modes in ``previous`` are kept.
+def _run_key(row: dict) -> tuple:
+    return row["snr"], row["mode"], row.get("seed", 0)
 
-    Each run's labels and orientations go to ``<out>/modes_<mode>_snr<snr>.npz``;
+
+def part_modes(quick: bool, save, out: Path, modes=("accelerated", "exhaustive"), n_jobs=-1,
+               previous=(), seeds=(0,), snrs=(0.05, 0.01)) -> dict:
+    """Whole runs of each mode, SNR and seed; the other rows in ``previous`` are kept.
+
+    Each run's labels and orientations go to ``<out>/modes_<mode>_snr<snr>[_seed<s>].npz``;
     every row's accuracy is measured from those files.
     """
     n, d, step, shift, iters = _modes_setting(quick)
     # The estimator's line per iteration shows how far an hour-long run has got.
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    rows = [r for r in previous if r["mode"] not in modes]
+    runs = {(snr, mode, seed) for snr in snrs for mode in modes for seed in seeds}
+    rows = [r for r in previous if _run_key(r) not in runs]
     setting = {"N": n, "K": 2, "D": d, "angular_step": step, "max_shift": shift,
                "max_iter": iters}
-    for snr in (0.05, 0.01):
+    for snr in snrs:
         data = _modes_data(quick, snr)
-        for mode in modes:
+        for mode, seed in ((m, s) for m in modes for s in seeds):
             extra = dict(MODES[mode])
             if quick and "min_box_size" in extra:
                 extra["min_box_size"] = 8
             est = MissingDataMLClassifier(
                 2, angular_step=step, max_shift=shift, max_iter=iters, n_jobs=n_jobs,
-                regularization=LinearDecay(5.0, 5), random_state=0, **extra,
+                regularization=LinearDecay(5.0, 5), random_state=seed, **extra,
             )
             handler = _IterationTimes()
             logging.getLogger("mlsubtomo").addHandler(handler)
@@ -285,10 +305,11 @@ def part_modes(quick: bool, save, out: Path, modes=("accelerated", "exhaustive")
                 logging.getLogger("mlsubtomo").removeHandler(handler)
             seconds = time.perf_counter() - start
             out.mkdir(parents=True, exist_ok=True)
-            np.savez_compressed(out / f"modes_{mode}_snr{snr}.npz", labels=est.labels_,
+            row = {"snr": snr, "mode": mode, "seed": seed}
+            np.savez_compressed(_poses_path(out, row), labels=est.labels_,
                                 rotations=est.rotations_)
             rows.append({
-                "snr": snr, "mode": mode, "options": extra, "seconds": seconds,
+                **row, "options": extra, "seconds": seconds,
                 "n_jobs": n_jobs, "date": time.strftime("%Y-%m-%d %H:%M"),
                 "load_end": [round(x, 2) for x in os.getloadavg()],
                 "iterations": est.n_iter_, "iteration_seconds": handler.seconds,
@@ -301,7 +322,7 @@ def part_modes(quick: bool, save, out: Path, modes=("accelerated", "exhaustive")
             save({"setting": setting, "rows": rows, "complete": False})
         # Rows kept from earlier runs are measured again from their saved poses.
         for row in rows:
-            if row["snr"] == snr and row["mode"] not in modes:
+            if row["snr"] == snr and _run_key(row) not in runs:
                 row.update(_accuracy(row, data, step, out))
     return {"setting": setting, "rows": rows, "complete": True}
 
@@ -483,8 +504,9 @@ def markdown(results: dict) -> str:
             "",
             f"The whole run: N = {s['N']}, K = {s['K']}, D = {s['D']}, "
             f"{s['angular_step']} degrees, shifts up to {s['max_shift']}, "
-            f"{s['max_iter']} iterations, same data and seed for every mode. "
-            "Rows may come from different runs of the part (see the last column)."
+            f"{s['max_iter']} iterations, the same data for every mode; the seed is the "
+            "estimator's random_state. Rows may come from different runs of the part "
+            "(see the last column)."
             + ("" if modes.get("complete", True) else
                " Incomplete: the run had done only these rows when it was stopped."),
             "",
@@ -496,26 +518,27 @@ def markdown(results: dict) -> str:
             "the truth in the run's own frame; 'at floor' is the fraction of particles "
             "given that orientation.",
             "",
-            "| SNR | mode | n_jobs | seconds | iterations | mean iteration (s) | purity "
-            "| median orientation error (deg) | floor (deg) | error - floor | at floor "
-            "| boxes | local from | measured |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "| SNR | mode | seed | n_jobs | seconds | iterations | mean iteration (s) "
+            "| purity | median orientation error (deg) | floor (deg) | error - floor "
+            "| at floor | boxes | local from | measured |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
-        for r in sorted(modes["rows"], key=lambda r: (-r["snr"], r["mode"])):
+        for r in sorted(modes["rows"], key=lambda r: (-r["snr"], r["mode"], r.get("seed", 0))):
             boxes = sorted(set(r["box_sizes"]))
             times = r.get("iteration_seconds")
             per_iteration = np.mean(times) if times else np.nan
             floor = r.get("median_error_floor_deg", np.nan)
             at_floor = r.get("fraction_at_floor", np.nan)
             lines.append(
-                f"| {r['snr']} | {r['mode']} | {r.get('n_jobs', -1)} | {r['seconds']:.0f} | "
+                f"| {r['snr']} | {r['mode']} | {r.get('seed', 0)} | {r.get('n_jobs', -1)} | "
+                f"{r['seconds']:.0f} | "
                 f"{r['iterations']} | {per_iteration:.1f} | {r['purity']:.3f} | "
                 f"{r['median_orientation_error_deg']:.2f} | {floor:.2f} | "
                 f"{r['median_orientation_error_deg'] - floor:.2f} | {at_floor:.2f} | "
                 f"{', '.join(map(str, boxes))} | "
                 f"{r['refinement_start']} | {r.get('date', modes.get('date', '?'))} |"
             )
-        lines.append("")
+        lines += ["", *_seed_summary(modes["rows"]), ""]
     mem = results.get("memory")
     if mem:
         s = mem["setting"]
@@ -539,6 +562,40 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
+def _seed_summary(rows: list) -> list:
+    """Markdown lines: each mode against the exhaustive runs of the same SNR and seeds."""
+    exhaustive = {(r["snr"], r.get("seed", 0)): r for r in rows if r["mode"] == "exhaustive"}
+    paired = {}
+    for r in rows:
+        if r["mode"] != "exhaustive" and (r["snr"], r.get("seed", 0)) in exhaustive:
+            paired.setdefault((r["snr"], r["mode"]), []).append(r)
+    if not paired:
+        return []
+    lines = [
+        "Each mode against the exhaustive run of the same seed, averaged over the seeds "
+        "both have (differences: mode minus exhaustive).",
+        "",
+        "| SNR | mode | seeds | mean seconds | purity | exhaustive purity "
+        "| error difference (deg) | error - floor difference (deg) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    def excess(r):
+        return r["median_orientation_error_deg"] - r.get("median_error_floor_deg", np.nan)
+
+    for (snr, mode), runs in sorted(paired.items(), key=lambda item: (-item[0][0], item[0][1])):
+        mates = [exhaustive[snr, r.get("seed", 0)] for r in runs]
+        error = "median_orientation_error_deg"
+        lines.append(
+            f"| {snr} | {mode} | {', '.join(str(r.get('seed', 0)) for r in runs)} | "
+            f"{np.mean([r['seconds'] for r in runs]):.0f} | "
+            f"{np.mean([r['purity'] for r in runs]):.3f} | "
+            f"{np.mean([e['purity'] for e in mates]):.3f} | "
+            f"{np.mean([r[error] - e[error] for r, e in zip(runs, mates, strict=True)]):+.2f} | "
+            f"{np.mean([excess(r) - excess(e) for r, e in zip(runs, mates, strict=True)]):+.2f} |"
+        )
+    return lines
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -549,6 +606,10 @@ def main(argv=None) -> int:
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES),
                         help="which searches the modes part runs; rows of the others "
                         "already in the results are kept")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0],
+                        help="random_state of the modes part's runs")
+    parser.add_argument("--snrs", nargs="+", type=float, default=[0.05, 0.01],
+                        help="SNRs of the modes part")
     parser.add_argument("--n-jobs", type=int, default=-1,
                         help="n_jobs of the modes part's runs")
     parser.add_argument("--memory-limit", type=float, default=540.0,
@@ -564,7 +625,8 @@ def main(argv=None) -> int:
         "memory": lambda: part_memory(args.quick, args.memory_limit),
         "modes": lambda: part_modes(
             args.quick, lambda part: write_results({**results, "modes": part}, args.out),
-            args.out, args.modes, args.n_jobs, _previous_rows(args.out),
+            args.out, args.modes, args.n_jobs, _previous_rows(args.out), args.seeds,
+            args.snrs,
         ),
     }
     for name in args.parts:

@@ -155,6 +155,7 @@ class _SubtomogramClassifier(BaseEstimator):
             max_resolution=self.max_resolution,
             pruning_threshold=float(getattr(self, "pruning_threshold", 0.0)),
             interpolation_order=int(self.interpolation_order),
+            rotation=getattr(self, "reference_rotation", "real"),
             fft_backend=self.fft_backend,
         )
 
@@ -470,6 +471,14 @@ class MissingDataMLClassifier(DensityMixin, _SubtomogramClassifier):
         SIGNIFICANT_WEIGHT_LOW); 0 keeps every pair and is exact.
     interpolation_order : int, default=1
         Spline order of the real-space rotations (1: trilinear).
+    reference_rotation : {"real", "fourier"}, default="real"
+        How the E-step rotates the references: in real space with
+        ``interpolation_order`` then by FFT, as xmipp does, or ("fourier", as RELION
+        does) by trilinear interpolation of their transforms padded to twice the box,
+        only where the masks observe. "fourier" takes about half the time and
+        comes closer to an ideal rotation (about 2% against 10% for real-space trilinear on
+        the paper's phantoms), so scores differ slightly from xmipp's. Statistics are
+        rotated back in real space either way.
     fft_backend : {"pyfftw", "scipy"}, default="pyfftw"
     n_jobs : int, default=None
         Orientation blocks scored at once (joblib threads, or the backend set with
@@ -560,6 +569,7 @@ class MissingDataMLClassifier(DensityMixin, _SubtomogramClassifier):
         tol=1e-5,
         pruning_threshold=1e-8,
         interpolation_order=1,
+        reference_rotation="real",
         fft_backend="pyfftw",
         n_jobs=None,
         memory_budget=2.0,
@@ -596,6 +606,7 @@ class MissingDataMLClassifier(DensityMixin, _SubtomogramClassifier):
         self.tol = tol
         self.pruning_threshold = pruning_threshold
         self.interpolation_order = interpolation_order
+        self.reference_rotation = reference_rotation
         self.fft_backend = fft_backend
         self.n_jobs = n_jobs
         self.memory_budget = memory_budget
@@ -611,6 +622,11 @@ class MissingDataMLClassifier(DensityMixin, _SubtomogramClassifier):
         if self.missing_data not in _MISSING_DATA:
             raise ValueError(
                 f"missing_data must be one of {_MISSING_DATA}, got {self.missing_data!r}"
+            )
+        if self.reference_rotation not in ("real", "fourier"):
+            raise ValueError(
+                "reference_rotation must be 'real' or 'fourier', got "
+                f"{self.reference_rotation!r}"
             )
         _check_integer(self, "n_impute_iter", 1)
         if self.init_sigma is not None:

@@ -171,6 +171,11 @@ class KernelSettings:
         0 keeps every pair with a posterior that is not exactly zero.
     interpolation_order : int
         Spline order of the real-space rotations.
+    rotation : {"real", "fourier"}
+        How references are rotated for scoring: in real space (spline of
+        ``interpolation_order``, then an FFT), or by trilinear interpolation of
+        their transforms padded to twice the box (:class:`_PaddedTransforms`).
+        Statistics are always rotated back in real space.
     fft_backend, threads : str, int
         Passed to :class:`mlsubtomo.fft.FFTBackend`.
     orientation_block : int
@@ -196,6 +201,7 @@ class KernelSettings:
     max_resolution: float | None = 0.5
     pruning_threshold: float = 0.0
     interpolation_order: int = 1
+    rotation: str = "real"
     fft_backend: str = "pyfftw"
     threads: int = 1
     orientation_block: int = 16
@@ -444,22 +450,34 @@ def rotated_transforms(
     rotated in parallel (``settings.n_jobs`` threads).
     """
     blocks = _blocks(len(rotations), settings.orientation_block)
+    padded = _PaddedTransforms(references, settings) if settings.rotation == "fourier" else None
     with _blas_threads(settings):
         parts = list(_parallel(settings.n_jobs)(
-            delayed(_rotate_block)(references, rotations[block], settings) for block in blocks
+            delayed(_rotate_block)(references, rotations[block], settings, padded=padded)
+            for block in blocks
         ))
     return np.concatenate(parts, axis=1)
 
 
-def _rotate_block(references, rotations, settings, needed=None):
+def _rotate_block(references, rotations, settings, needed=None, padded=None):
     """Transforms of the references at ``rotations``: (K, b, ...), or with ``needed``
     (K, b) bool only those of the needed (class, orientation) pairs, (m, ...) in the
-    order of ``np.flatnonzero(needed)``."""
-    backend = FFTBackend(settings.fft_backend, settings.threads)
+    order of ``np.flatnonzero(needed)``. ``padded``: the :class:`_PaddedTransforms` of
+    the references, for ``settings.rotation == "fourier"`` (made here when None)."""
     k, d = references.shape[0], references.shape[-1]
+    if needed is None:
+        pairs = np.ones((k, len(rotations)), dtype=bool)
+    else:
+        pairs = needed
+    if settings.rotation == "fourier":
+        if padded is None:
+            padded = _PaddedTransforms(references, settings)
+        out = padded.rotated(rotations, pairs)
+        return out.reshape(k, len(rotations), *out.shape[1:]) if needed is None else out
+    backend = FFTBackend(settings.fft_backend, settings.threads)
     centred = centre_for_fft(np.asarray(references, dtype=np.float32))
     order = settings.interpolation_order
-    if needed is None or needed.all():
+    if pairs.all():
         rotated = np.empty((k, len(rotations), d, d, d), dtype=np.float32)
         for ri, matrix in enumerate(rotations):
             rotated[:, ri] = rotate_centred(centred, matrix, order=order)
@@ -474,6 +492,85 @@ def _rotate_block(references, rotations, settings, needed=None):
             rotate_centred(centred[classes], rotations[ri], order)
         )
     return out
+
+
+class _PaddedTransforms:
+    """Rotation in Fourier space (``settings.rotation == "fourier"``), as RELION
+    projects: the references are zero-padded to twice the box and transformed once,
+    and each rotated transform is sampled from them by trilinear interpolation at
+    ``R^T q``, only where a mask of the settings observes q (band included).
+
+    Against rotating in real space and transforming, this skips the FFT and
+    interpolates a sixth as many points (those of the band's half ball observed):
+    0.22 ms instead of 0.40 ms per pair at D = 32, and closer to an ideal rotation
+    (see ``__init__``).
+    """
+
+    def __init__(self, references, settings):
+        k, d = references.shape[0], references.shape[-1]
+        # Interpolating a transform trilinearly multiplies the volume by sinc^2 along
+        # each axis (of the padded box): dividing by it first (gridding correction)
+        # brings the samples within about 2% of the transform of the rotated phantom
+        # rendered exactly (GroEL-GroES, D = 32, 20 random rotations: median 1.7%), where
+        # real-space trilinear rotation is 10% off (median; up to 31%).
+        taper = np.sinc((np.arange(d) - d // 2) / (2.0 * d)) ** 2
+        big = np.zeros((k, 2 * d, 2 * d, 2 * d), dtype=np.float32)
+        lo = d - d // 2
+        big[:, lo:lo + d, lo:lo + d, lo:lo + d] = references / (
+            taper[:, None, None] * taper[None, :, None] * taper[None, None, :]
+        )
+        backend = FFTBackend(settings.fft_backend, settings.threads)
+        # Orthonormal transforms: the padded one samples the box's at 2q, times 2^-1.5.
+        self.transforms = backend.rfftn(centre_for_fft(big)) * np.float32(2.0**1.5)
+        self.d = d
+        observed = settings.mask_arrays.any(axis=0)
+        self.where = np.flatnonzero(observed)
+        qx, qy, qz = (np.broadcast_to(f, observed.shape)[observed] for f in frequency_grid(d))
+        self.frequencies = np.stack([qx, qy, qz], axis=1)
+
+    def rotated(self, rotations, needed):
+        """Half-grid transforms (m, D, D, D//2+1) of the needed (K, b) pairs, in the
+        order of ``np.flatnonzero(needed)``; zero where no mask observes."""
+        d = self.d
+        out = np.zeros((int(needed.sum()), d * d * (d // 2 + 1)), dtype=np.complex64)
+        slots = _slots(needed)
+        for ri in np.flatnonzero(needed.any(axis=0)):
+            classes = np.flatnonzero(needed[:, ri])
+            # Padded frequencies of the sources, (x, y, z) rows: 2 R^T q.
+            sources = self.frequencies @ (2.0 * np.asarray(rotations[ri], dtype=np.float64))
+            _sample_transforms(self.transforms, classes, sources, self.where,
+                               slots[classes, ri], out)
+        return out.reshape(len(out), d, d, d // 2 + 1)
+
+
+@numba.njit(cache=True, nogil=True)
+def _sample_transforms(transforms, classes, sources, where, rows, out):  # pragma: no cover
+    """``out[rows[c], where[j]]``: ``transforms[classes[c]]`` (half grids, rotation
+    centre at index 0) trilinearly interpolated at ``sources[j]`` (x, y, z), with the
+    Hermitian partner of a source at negative x."""
+    n = transforms.shape[1]
+    last = transforms.shape[3] - 1
+    for j in range(sources.shape[0]):
+        sx, sy, sz = sources[j, 0], sources[j, 1], sources[j, 2]
+        flip = sx < 0
+        if flip:
+            sx, sy, sz = -sx, -sy, -sz
+        fx, fy, fz = np.floor(sx), np.floor(sy), np.floor(sz)
+        wx, wy, wz = sx - fx, sy - fy, sz - fz
+        x0 = min(int(fx), last)
+        x1 = min(x0 + 1, last)
+        y0, z0 = int(fy) % n, int(fz) % n
+        y1, z1 = (y0 + 1) % n, (z0 + 1) % n
+        for c in range(classes.shape[0]):
+            t = transforms[classes[c]]
+            near = (t[z0, y0, x0] * (1 - wx) + t[z0, y0, x1] * wx) * (1 - wy) + (
+                t[z0, y1, x0] * (1 - wx) + t[z0, y1, x1] * wx
+            ) * wy
+            far = (t[z1, y0, x0] * (1 - wx) + t[z1, y0, x1] * wx) * (1 - wy) + (
+                t[z1, y1, x0] * (1 - wx) + t[z1, y1, x1] * wx
+            ) * wy
+            value = near * (1 - wz) + far * wz
+            out[rows[c], where[j]] = np.conj(value) if flip else value
 
 
 def _slots(needed):
@@ -696,6 +793,10 @@ class _Scorer:
             settings.shift_period,
         )
         self.data = self.lines.compact(chunk.data)
+        self.padded = (
+            _PaddedTransforms(model.references, settings) if settings.rotation == "fourier"
+            else None
+        )
         self.inv_two_var = 1.0 / (2.0 * model.sigma**2)
         self.log_shift_prior = search.log_shift_prior
         self.finite_shift_prior = np.where(
@@ -795,7 +896,8 @@ def _block_transforms(scorer, transforms, block, needed):
     that index them."""
     if transforms is None:
         rotated = _rotate_block(
-            scorer.model.references, scorer.search.rotations[block], scorer.settings, needed
+            scorer.model.references, scorer.search.rotations[block], scorer.settings, needed,
+            scorer.padded,
         )
     else:
         mine = transforms[:, block]

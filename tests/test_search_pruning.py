@@ -139,11 +139,11 @@ def test_class_candidates_are_the_full_search_restricted(problem, keep_scores, m
     rotated = []  # (first orientation of the block, classes rotated)
     original = kernel._rotate_block
 
-    def recording(references, rotations, settings, needed=None):
+    def recording(references, rotations, settings, needed=None, padded=None):
         first = int(np.flatnonzero(np.all(np.isclose(search.rotations, rotations[0]), (1, 2)))[0])
         classes = None if needed is None else np.flatnonzero(needed.any(axis=1)).tolist()
         rotated.append((first, classes))
-        return original(references, rotations, settings, needed)
+        return original(references, rotations, settings, needed, padded)
 
     monkeypatch.setattr(kernel, "_rotate_block", recording)
     result = kernel.e_step(
