@@ -315,6 +315,8 @@ def part_modes(quick: bool, save, out: Path, modes=("accelerated", "exhaustive")
                 "iterations": est.n_iter_, "iteration_seconds": handler.seconds,
                 "box_sizes": est.box_size_history_,
                 "refinement_start": est.refinement_start_,
+                # Of the final assignment (pruned searches: a lower bound of the full one).
+                "final_log_likelihood": est.lower_bound_,
             })
             rows[-1].update(_accuracy(rows[-1], data, step, out))
             print(json.dumps(rows[-1]), flush=True)
