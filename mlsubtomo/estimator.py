@@ -476,7 +476,7 @@ class MissingDataMLClassifier(DensityMixin, _SubtomogramClassifier):
         ``interpolation_order`` then by FFT, as xmipp does, or ("fourier", as RELION
         does) by trilinear interpolation of their transforms padded to twice the box,
         only where the masks observe. "fourier" takes about half the time and
-        comes closer to an ideal rotation (about 2% against 10% for real-space trilinear on
+        comes closer to an ideal rotation (about 2% against 9% for real-space trilinear on
         the paper's phantoms), so scores differ slightly from xmipp's. Statistics are
         rotated back in real space either way.
     fft_backend : {"pyfftw", "scipy"}, default="pyfftw"

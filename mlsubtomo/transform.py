@@ -19,6 +19,7 @@ __all__ = [
     "centre_for_fft",
     "euler_from_matrix",
     "matrix_from_euler",
+    "outside_value",
     "rotate_centred",
     "rotate_volume",
     "shift_volume",
@@ -74,7 +75,10 @@ def rotate_volume(volume: np.ndarray, matrix: np.ndarray, order: int = 1) -> np.
 
     Returns
     -------
-    ndarray of shape (D, D, D), same dtype as ``volume``; the grid wraps circularly.
+    ndarray of shape (D, D, D), same dtype as ``volume``. Positions outside the box
+    take :func:`outside_value`: the grid does not wrap (xmipp's DONT_WRAP), since a
+    wrapped grid fills the corners of the rotated box with the far side of the
+    particle (up to 30% of a 32^3 GroEL-GroES phantom's norm).
     """
     volume = np.asarray(volume)
     return uncentre_from_fft(rotate_centred(centre_for_fft(volume), matrix, order))
@@ -99,6 +103,7 @@ def rotate_centred(volumes: np.ndarray, matrix: np.ndarray, order: int = 1) -> n
     """
     volumes = np.asarray(volumes)
     d = volumes.shape[-1]
+    outside = outside_value(volumes, centred=True)
     # The voxel at index j (signed, j = 0 the centre) takes the value at M j, where
     # M is R^T with the axes reversed to (z, y, x).
     m = np.asarray(matrix, dtype=np.float64).T[::-1, ::-1]
@@ -107,7 +112,7 @@ def rotate_centred(volumes: np.ndarray, matrix: np.ndarray, order: int = 1) -> n
     if order == 1:
         flat = np.ascontiguousarray(volumes).reshape(-1, d, d, d)
         out = np.empty_like(flat)
-        _trilinear_centred(flat, m, out)
+        _trilinear_centred(flat, m, outside.reshape(-1), out)
         return out.reshape(volumes.shape)
     # Higher orders need the spline prefilter: scipy's, about the box centre.
     c = float(d // 2)
@@ -115,9 +120,31 @@ def rotate_centred(volumes: np.ndarray, matrix: np.ndarray, order: int = 1) -> n
     for index in np.ndindex(volumes.shape[:-3]):
         out[index] = centre_for_fft(ndimage.affine_transform(
             uncentre_from_fft(volumes[index]), m, offset=c - m.sum(axis=1) * c,
-            order=order, mode="grid-wrap", prefilter=True,
+            order=order, mode="grid-constant", cval=float(outside[index]),
+            prefilter=True,
         ))
     return out
+
+
+def outside_value(volumes: np.ndarray, centred: bool = False) -> np.ndarray:
+    """What a rotation puts where its source lies outside the box: the mean of the
+    box's boundary voxels (its six faces), one per volume of ``volumes`` (..., D, D, D).
+
+    xmipp takes the first (corner) voxel. In a noisy class average that single
+    voxel's noise then fills the whole region outside, a low-frequency pattern that
+    made classification with the true orientations fail (purity 0.72 against 0.98,
+    60 particles, D = 16, SNR 0.1); the faces' mean is the same background level
+    with the noise of ``6 D^2`` voxels averaged. ``centred``: the volumes are laid out
+    as :func:`centre_for_fft` leaves them.
+    """
+    volumes = np.asarray(volumes)
+    d = volumes.shape[-1]
+    first, last = ((d - d // 2) % d, d - d // 2 - 1) if centred else (0, d - 1)
+    boundary = np.zeros((d, d, d), dtype=bool)
+    boundary[[first, last]] = True
+    boundary[:, [first, last]] = True
+    boundary[:, :, [first, last]] = True
+    return np.mean(volumes[..., boundary], axis=-1, dtype=np.float64)
 
 
 def shift_volume(volume: np.ndarray, shift) -> np.ndarray:
@@ -147,12 +174,16 @@ def uncentre_from_fft(volumes: np.ndarray) -> np.ndarray:
 
 
 @numba.njit(cache=True, nogil=True)
-def _trilinear_centred(volumes, m, out):  # pragma: no cover - compiled
-    """Trilinear interpolation with wrap-around, the same arithmetic as scipy's
-    ``affine_transform(order=1, mode="grid-wrap")`` (identical results) in a
-    fraction of its time; the corner weights are shared by the volumes."""
+def _trilinear_centred(volumes, m, outside, out):  # pragma: no cover - compiled
+    """Trilinear interpolation, the same arithmetic as scipy's ``affine_transform(order=1,
+    mode="grid-constant", cval=outside[c])`` in a fraction of its time; the corner
+    weights are shared by the volumes.
+
+    A neighbour outside the box gets weight 0 and its weight goes to the outside
+    value, so the corners of the box, where many samples fall outside, take no branch.
+    """
     d = volumes.shape[-1]
-    upper = d - d // 2
+    lower, upper = -(d // 2), d - d // 2
     for oz in range(d):
         jz = oz if oz < upper else oz - d
         for oy in range(d):
@@ -167,27 +198,40 @@ def _trilinear_centred(volumes, m, out):  # pragma: no cover - compiled
                 sx = bx + m[2, 2] * jx
                 fz, fy, fx = np.floor(sz), np.floor(sy), np.floor(sx)
                 wz, wy, wx = sz - fz, sy - fy, sx - fx
-                iz, iy, ix = _wrap(int(fz), d), _wrap(int(fy), d), _wrap(int(fx), d)
-                iz1 = iz + 1 if iz + 1 < d else 0
-                iy1 = iy + 1 if iy + 1 < d else 0
-                ix1 = ix + 1 if ix + 1 < d else 0
+                iz, az, iz1, az1 = _taps(int(fz), 1 - wz, wz, lower, upper, d)
+                iy, ay, iy1, ay1 = _taps(int(fy), 1 - wy, wy, lower, upper, d)
+                ix, ax, ix1, ax1 = _taps(int(fx), 1 - wx, wx, lower, upper, d)
+                rest = 1 - (az + az1) * (ay + ay1) * (ax + ax1)
+                if rest == 1.0:
+                    for c in range(volumes.shape[0]):
+                        out[c, oz, oy, ox] = outside[c]
+                    continue
                 for c in range(volumes.shape[0]):
                     near = (
-                        volumes[c, iz, iy, ix] * (1 - wx) + volumes[c, iz, iy, ix1] * wx
-                    ) * (1 - wy) + (
-                        volumes[c, iz, iy1, ix] * (1 - wx) + volumes[c, iz, iy1, ix1] * wx
-                    ) * wy
+                        volumes[c, iz, iy, ix] * ax + volumes[c, iz, iy, ix1] * ax1
+                    ) * ay + (
+                        volumes[c, iz, iy1, ix] * ax + volumes[c, iz, iy1, ix1] * ax1
+                    ) * ay1
                     far = (
-                        volumes[c, iz1, iy, ix] * (1 - wx) + volumes[c, iz1, iy, ix1] * wx
-                    ) * (1 - wy) + (
-                        volumes[c, iz1, iy1, ix] * (1 - wx) + volumes[c, iz1, iy1, ix1] * wx
-                    ) * wy
-                    out[c, oz, oy, ox] = near * (1 - wz) + far * wz
+                        volumes[c, iz1, iy, ix] * ax + volumes[c, iz1, iy, ix1] * ax1
+                    ) * ay + (
+                        volumes[c, iz1, iy1, ix] * ax + volumes[c, iz1, iy1, ix1] * ax1
+                    ) * ay1
+                    out[c, oz, oy, ox] = near * az + far * az1 + rest * outside[c]
+
+
+@numba.njit(cache=True, inline="always")
+def _taps(i, w0, w1, lower, upper, d):  # pragma: no cover - compiled
+    """Array indices and weights of the neighbours ``i`` and ``i + 1`` (signed centred
+    indices) along one axis; a neighbour outside the box gets index 0 and weight 0."""
+    i0, a0 = (_wrap(i, d), w0) if lower <= i < upper else (0, 0.0)
+    i1, a1 = (_wrap(i + 1, d), w1) if lower <= i + 1 < upper else (0, 0.0)
+    return i0, a0, i1, a1
 
 
 @numba.njit(cache=True, inline="always")
 def _wrap(i, d):  # pragma: no cover - compiled
-    """``i mod d`` without a division; sources lie within one box of the grid."""
+    """``i mod d`` without a division, for ``-d <= i < 2 d``."""
     if i < 0:
         i += d
     if i >= d:

@@ -136,6 +136,22 @@ def test_fourier_rotation_of_a_blob_is_its_exact_transform():
         assert not np.any(fourier[r][~observed])
 
 
+@pytest.mark.parametrize("rotation", ["real", "fourier"])
+def test_rotations_ignore_a_constant_background(rotation):
+    # Outside the box both rotations put the boundary mean, so adding a constant to a
+    # reference adds only to the DC component of its rotations, which no mask observes.
+    d = 12
+    reference = np.random.default_rng(4).normal(size=(1, d, d, d)).astype(np.float32)
+    rotations = Rotation.random(3, random_state=5).as_matrix()
+    masks = [MissingWedge(-60, 60)]
+    settings = kernel.KernelSettings(
+        masks=masks, mask_arrays=masks[0].observed(d)[None], rotation=rotation
+    )
+    plain = kernel._rotate_block(reference, rotations, settings) * settings.mask_arrays[0]
+    offset = kernel._rotate_block(reference + 0.3, rotations, settings) * settings.mask_arrays[0]
+    np.testing.assert_allclose(offset, plain, atol=1e-4 * np.abs(plain).max())
+
+
 def test_fourier_rotation_paths_agree(problem):
     chunk, model, search, settings, _ = problem
     fourier = dataclasses.replace(settings, rotation="fourier")
@@ -199,8 +215,9 @@ def test_memory_budget_chunks_give_the_same_fit(phantoms):
 
 
 def test_fourier_crop_is_the_full_problem_restricted_to_the_crop():
-    # Data and references with nothing beyond |q| = 4 and the 24 cube rotations (exact
-    # at both sizes): the crop to 8 must reproduce the full problem at 12.
+    # Data and references with nothing beyond |q| = 4 and the three cube rotations that
+    # only permute the axes (exact at both sizes: a sign flip would move a face of an
+    # even box out of it): the crop to 8 must reproduce the full problem at 12.
     d, crop = 12, 8
     rng = np.random.default_rng(5)
     keep = np.zeros(kernel.half_grid_shape(d), dtype=bool)
@@ -214,7 +231,9 @@ def test_fourier_crop_is_the_full_problem_restricted_to_the_crop():
     settings = kernel.KernelSettings(masks=masks, mask_arrays=arrays, shift_method="window")
     chunk = kernel.prepare_particles(band_limited((8, d, d, d)), settings, np.arange(8) % 2)
     shifts, log_prior = kernel.shift_window(1, 1.0)
-    search = kernel.SearchSpace(Rotation.create_group("O").as_matrix(), shifts, log_prior)
+    cube = np.rint(Rotation.create_group("O").as_matrix())
+    search = kernel.SearchSpace(cube[(cube >= 0).all(axis=(1, 2))], shifts, log_prior)
+    assert len(search.rotations) == 3
     refs = band_limited((2, d, d, d)) * 0.7
     full = kernel.e_step(chunk, kernel.Model(refs, np.log([0.3, 0.7]), 1.3), search, settings)
 
