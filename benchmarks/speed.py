@@ -268,6 +268,19 @@ def _accuracy(row: dict, data, step: float, out: Path) -> dict:
     }
 
 
+def _commit() -> str:
+    """The checkout's commit, with '+' when it has uncommitted changes ('?' outside git)."""
+    here = Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here,
+                              capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=here, capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return "?"
+    return head + ("+" if dirty.strip() else "")
+
+
 def _run_key(row: dict) -> tuple:
     return row["snr"], row["mode"], row.get("seed", 0)
 
@@ -310,7 +323,7 @@ def part_modes(quick: bool, save, out: Path, modes=("accelerated", "exhaustive")
                                 rotations=est.rotations_)
             rows.append({
                 **row, "options": extra, "seconds": seconds,
-                "n_jobs": n_jobs, "date": time.strftime("%Y-%m-%d %H:%M"),
+                "n_jobs": n_jobs, "date": time.strftime("%Y-%m-%d %H:%M"), "commit": _commit(),
                 "load_end": [round(x, 2) for x in os.getloadavg()],
                 "iterations": est.n_iter_, "iteration_seconds": handler.seconds,
                 "box_sizes": est.box_size_history_,
@@ -522,7 +535,7 @@ def markdown(results: dict) -> str:
             "",
             "| SNR | mode | seed | n_jobs | seconds | iterations | mean iteration (s) "
             "| purity | median orientation error (deg) | floor (deg) | error - floor "
-            "| at floor | boxes | local from | measured |",
+            "| at floor | boxes | local from | measured (commit) |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in sorted(modes["rows"], key=lambda r: (-r["snr"], r["mode"], r.get("seed", 0))):
@@ -538,7 +551,8 @@ def markdown(results: dict) -> str:
                 f"{r['median_orientation_error_deg']:.2f} | {floor:.2f} | "
                 f"{r['median_orientation_error_deg'] - floor:.2f} | {at_floor:.2f} | "
                 f"{', '.join(map(str, boxes))} | "
-                f"{r['refinement_start']} | {r.get('date', modes.get('date', '?'))} |"
+                f"{r['refinement_start']} | {r.get('date', modes.get('date', '?'))} "
+                f"({r.get('commit', '?')}) |"
             )
         lines += ["", *_seed_summary(modes["rows"]), ""]
     mem = results.get("memory")
