@@ -269,13 +269,16 @@ def _accuracy(row: dict, data, step: float, out: Path) -> dict:
 
 
 def _commit() -> str:
-    """The checkout's commit, with '+' when it has uncommitted changes ('?' outside git)."""
-    here = Path(__file__).resolve().parent
+    """The checkout's commit, with '+' when tracked files other than the results
+    differ from it ('?' outside git)."""
+    root = Path(__file__).resolve().parent.parent
     try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here,
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root,
                               capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               cwd=here, capture_output=True, text=True, check=True).stdout
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+             ":!benchmarks/results"], cwd=root, capture_output=True, text=True, check=True,
+        ).stdout
     except (OSError, subprocess.CalledProcessError):
         return "?"
     return head + ("+" if dirty.strip() else "")

@@ -473,12 +473,12 @@ class MissingDataMLClassifier(DensityMixin, _SubtomogramClassifier):
         Spline order of the real-space rotations (1: trilinear).
     reference_rotation : {"real", "fourier"}, default="real"
         How the E-step rotates the references: in real space with
-        ``interpolation_order`` then by FFT, as xmipp does, or ("fourier", as RELION
-        does) by trilinear interpolation of their transforms padded to twice the box,
-        only where the masks observe. "fourier" takes about half the time and
-        comes closer to an ideal rotation (about 2% against 9% for real-space trilinear on
-        the paper's phantoms), so scores differ slightly from xmipp's. Statistics are
-        rotated back in real space either way.
+        ``interpolation_order`` then by FFT, as xmipp does, or ("fourier") the
+        trilinear rotation computed from their transforms padded to twice the box,
+        only where the masks observe, in about half the time. With
+        ``interpolation_order=1`` the two differ by the aliasing of the real-space
+        interpolation, 2-4% of a rotated map. Statistics are rotated back in real
+        space either way.
     fft_backend : {"pyfftw", "scipy"}, default="pyfftw"
     n_jobs : int, default=None
         Orientation blocks scored at once (joblib threads, or the backend set with
