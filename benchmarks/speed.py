@@ -299,6 +299,8 @@ def part_modes(quick: bool, save, out: Path, modes=("accelerated", "exhaustive")
     # The estimator's line per iteration shows how far an hour-long run has got.
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     runs = {(snr, mode, seed) for snr in snrs for mode in modes for seed in seeds}
+    # The code imported now is the code that runs, whatever is committed meanwhile.
+    commit = _commit()
     rows = [r for r in previous if _run_key(r) not in runs]
     setting = {"N": n, "K": 2, "D": d, "angular_step": step, "max_shift": shift,
                "max_iter": iters}
@@ -326,7 +328,7 @@ def part_modes(quick: bool, save, out: Path, modes=("accelerated", "exhaustive")
                                 rotations=est.rotations_)
             rows.append({
                 **row, "options": extra, "seconds": seconds,
-                "n_jobs": n_jobs, "date": time.strftime("%Y-%m-%d %H:%M"), "commit": _commit(),
+                "n_jobs": n_jobs, "date": time.strftime("%Y-%m-%d %H:%M"), "commit": commit,
                 "load_end": [round(x, 2) for x in os.getloadavg()],
                 "iterations": est.n_iter_, "iteration_seconds": handler.seconds,
                 "box_sizes": est.box_size_history_,
