@@ -454,13 +454,19 @@ class MissingDataMLClassifier(DensityMixin, _SubtomogramClassifier):
         gathering them). None (or ``pruning_threshold=0``, which asks for the
         exact result): every orientation is searched.
     coarse_margin : float, default=100.0
-        Width (nats) of the window of coarse orientations refined. A coarse score
-        falls short of the fine peak near it by however far the nearest coarse
+        Largest width (nats) of the window of coarse orientations refined. A coarse
+        score falls short of the fine peak near it by however far the nearest coarse
         orientation lies: on the paper's setting (SNR 0.05, 30 degree coarse step,
         box 16) the coarse pass ranked another symmetry mate first for 13% of the
         particles, and a window of 18 nats missed their best orientation by up to
-        59 nats; 100 nats missed none, refining about a fifth of the grid. It also
-        bounds the local maxima that ``local_refinement`` searches near.
+        59 nats; 100 nats missed none, refining about a fifth of the grid. The
+        window is narrower when the references change less under a turn of
+        ``coarse_step`` (noisier data, blurrier references): x + 3 sqrt(2 x) for the
+        largest score change x of such a turn (``kernel.rotation_contrast``) and its
+        noise. At SNR 0.01 x ranged over 2-22 nats in the first six iterations, and
+        no particle's coarse orientation nearest its best fine one fell further below
+        the best coarse one than x + 6 nats. It also bounds the local maxima that
+        ``local_refinement`` searches near.
     max_iter : int, default=40
         Number of EM iterations at most.
     tol : float, default=1e-5
@@ -960,14 +966,18 @@ class MissingDataMLClassifier(DensityMixin, _SubtomogramClassifier):
             nearest_grid_index(grid, so3_grid(self.coarse_step, self.symmetry), self.symmetry)
         )
         coarse = dataclasses.replace(search, rotations=search.rotations[index])
+        model = self._model(box)
         result, _ = self._run_kernel(
-            kernel.e_step, data, self._model(box), coarse, None, settings, accumulate=False,
+            kernel.e_step, data, model, coarse, None, settings, accumulate=False,
             keep_pairs=True,
         )
+        # A particle's best fine orientation lies within coarse_step of a coarse one,
+        # whose score falls short of it by at most the contrast of that turn, give or
+        # take three standard deviations of the noise.
+        contrast = kernel.rotation_contrast(model, settings, self.coarse_step)
+        margin = min(self.coarse_margin, contrast + 3.0 * np.sqrt(2.0 * contrast))
         mass = result.pair_log_mass
-        chosen = np.isfinite(mass) & (
-            mass >= np.max(mass, axis=2, keepdims=True) - self.coarse_margin
-        )
+        chosen = np.isfinite(mass) & (mass >= np.max(mass, axis=2, keepdims=True) - margin)
         return self._reached(search.rotations[index], chosen, search.rotations, self.coarse_step)
 
     def _m_step(self, stats: SufficientStatistics, theta: float) -> None:

@@ -15,6 +15,7 @@ import pytest
 from scipy.spatial.transform import Rotation
 
 from mlsubtomo import MissingDataMLClassifier, estimator, kernel
+from mlsubtomo.fft import hermitian_multiplicity
 from mlsubtomo.masks import MissingCone, MissingWedge
 from mlsubtomo.metrics import class_purity
 from mlsubtomo.sampling import nearest_grid_index, so3_grid, symmetry_group
@@ -394,8 +395,12 @@ def test_coarse_candidates_follow_their_definition(easy):
     # (particle, class), keep those within coarse_margin nats of the class's best coarse
     # mass; search every grid orientation within coarse_step of them.
     data, _, coarse = easy
-    step, margin = 90.0, coarse.coarse_margin
+    step = 90.0
     _, full, candidates, _ = _e_step_of(coarse, data, step)
+    # The margin is coarse_margin unless the references turn with less contrast.
+    _, settings, *_ = coarse._prepare_fit(data.volumes, data.masks, None, None)
+    contrast = kernel.rotation_contrast(coarse._model(), settings, step)
+    margin = min(coarse.coarse_margin, contrast + 3 * np.sqrt(2 * contrast))
     grid = Rotation.from_matrix(coarse._orientation_grid())
     index = np.unique(nearest_grid_index(grid, so3_grid(step)))
     # The coarse search keeps the prior -log(R), so its pair masses are the full ones;
@@ -413,6 +418,44 @@ def test_coarse_candidates_follow_their_definition(easy):
     # Per class, not per particle: every class keeps its own best coarse orientation.
     best = index[np.argmax(mass, axis=2)]
     assert np.all(np.take_along_axis(candidates, best[..., None], axis=2))
+
+
+def _contrast_settings(d, masks):
+    arrays = np.stack([m.observed(d) for m in masks])
+    return kernel.KernelSettings(masks=masks, mask_arrays=arrays)
+
+
+def test_rotation_contrast_is_the_score_change_of_a_turn():
+    d = 16
+    settings = _contrast_settings(d, [WEDGE, MissingCone(45)])
+    references = _asymmetric_references(d)
+    model = kernel.Model(references, np.log([0.5, 0.5]), 1.0)
+    small, large = (kernel.rotation_contrast(model, settings, a) for a in (5.0, 30.0))
+    # A small turn changes a smooth map less than a large one.
+    assert 0 < small < large
+    # Scores scale as 1 / sigma^2.
+    halved = kernel.rotation_contrast(kernel.Model(references, model.log_class_weights, 2.0),
+                                      settings, 30.0)
+    assert halved == pytest.approx(large / 4, rel=1e-9)
+    # |a - b|^2 <= 2 |a|^2 + 2 |b|^2, with |a|, |b| at most the largest observed norm
+    # of a reference (rotation keeps the norm up to interpolation; 10% slack).
+    weights = settings.mask_arrays * hermitian_multiplicity(d)
+    norms = [
+        np.sum(w * np.abs(kernel.to_fourier(r[None])[0]) ** 2) for w in weights for r in references
+    ]
+    assert large <= 1.1 * 4 * max(norms) / 2
+
+
+def test_rotation_contrast_of_a_round_blob_is_next_to_nothing():
+    # Turning a centred isotropic Gaussian changes it only by interpolation error.
+    d = 16
+    z, y, x = np.meshgrid(*[np.arange(d) - d // 2] * 3, indexing="ij")
+    blob = np.exp(-(x**2 + y**2 + z**2) / (2 * 2.5**2)).astype(np.float32)
+    settings = _contrast_settings(d, [WEDGE])
+    model = kernel.Model(blob[None], np.zeros(1), 1.0)
+    weights = settings.mask_arrays[0] * hermitian_multiplicity(d)
+    energy = np.sum(weights * np.abs(kernel.to_fourier(blob[None])[0]) ** 2) / 2
+    assert kernel.rotation_contrast(model, settings, 30.0) < 0.01 * energy
 
 
 # ------------------------------------------------ local refinement: class restriction
