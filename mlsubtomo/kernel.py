@@ -379,7 +379,7 @@ class _CroppedMask:
         full = self.mask.observed(
             self.box_size, rotation=rotation, max_resolution=self.max_resolution
         )
-        return full[self.index] & self.ball
+        return full[(..., *self.index)] & self.ball
 
 
 def crop_problem(chunk: ParticleChunk, settings: KernelSettings, crop_size: int):
@@ -1279,36 +1279,39 @@ def _accumulate_block(scorer, first, kept, log_norm, transforms):
 def _rotate_back(stats, sums, mass, rotations, scorer):
     """Add the per-orientation sums (in the scorer's layout) to B_k and W_k in the
     reference frame."""
-    settings, backend, d = scorer.settings, scorer.backend, scorer.d
-    n_groups, n_classes, n_block = mass.shape
-    for r in range(n_block):
-        if not np.any(mass[:, :, r] > 0):
-            continue
-        inverse = rotations[r].T
-        rotated_masks = {
-            g: settings.masks[g].observed(
-                d, rotation=inverse, max_resolution=settings.max_resolution
-            )
-            for g in range(n_groups)
-            if np.any(mass[g, :, r] > 0)
-        }
-        for k in range(n_classes):
-            if np.any(mass[:, k, r] > 0):
-                counts = sum(mass[g, k, r] * m for g, m in rotated_masks.items())
-                _add_in_reference_frame(
-                    stats, k, scorer.lines.expand(sums[k, r]), counts, inverse, settings,
-                    backend,
-                )
+    settings, d = scorer.settings, scorer.d
+    used = np.flatnonzero(np.any(mass > 0, axis=(0, 1)))
+    inverses = np.swapaxes(rotations[used], 1, 2)
+    # The observed sets of a whole block in one call per mask group: alone, a rotated
+    # mask cost about three times as much (1 ms at D = 32).
+    observed = {
+        g: settings.masks[g].observed(
+            d, rotation=inverses, max_resolution=settings.max_resolution
+        )
+        for g in np.flatnonzero(np.any(mass[:, :, used] > 0, axis=(1, 2)))
+    }
+    for j, r in enumerate(used):
+        classes = np.flatnonzero(np.any(mass[:, :, r] > 0, axis=0))
+        counts = np.stack([
+            sum(mass[g, k, r] * m[j] for g, m in observed.items() if mass[g, k, r] > 0)
+            for k in classes
+        ])
+        particle_frame = np.stack([scorer.lines.expand(sums[k, r]) for k in classes])
+        _add_in_reference_frame(
+            stats, classes, particle_frame, counts, inverses[j], settings, scorer.backend
+        )
 
 
-def _add_in_reference_frame(stats, k, particle_frame_sum, counts, inverse, settings, backend):
-    """Rotate a particle-frame sum by ``inverse`` and add it, with its counts, to class k."""
+def _add_in_reference_frame(stats, classes, particle_frame_sums, counts, inverse, settings,
+                            backend):
+    """Rotate particle-frame sums by ``inverse`` and add them, with their counts, to
+    ``classes``: one stack, so that the classes share the interpolation weights."""
     d = stats.data_sums.shape[-2]
-    volume = backend.irfftn(particle_frame_sum, d)
-    back = rotate_centred(volume, inverse, order=settings.interpolation_order)
+    volumes = backend.irfftn(particle_frame_sums, d)
+    back = rotate_centred(volumes, inverse, order=settings.interpolation_order)
     # Interpolation leaks a little signal outside the rotated observed sets.
-    stats.data_sums[k] += backend.rfftn(back) * (counts > 0)
-    stats.observation_counts[k] += counts
+    stats.data_sums[classes] += backend.rfftn(back) * (counts > 0)
+    stats.observation_counts[classes] += counts
 
 
 def hard_statistics(
@@ -1353,7 +1356,8 @@ def hard_statistics(
             d, rotation=inverse, max_resolution=settings.max_resolution
         ).astype(np.float64)
         _add_in_reference_frame(
-            stats, int(labels[i]), chunk.data[i] * phase, counts, inverse, settings, backend
+            stats, [int(labels[i])], (chunk.data[i] * phase)[None], counts[None], inverse,
+            settings, backend,
         )
         stats.class_sums[int(labels[i])] += 1.0
     return stats

@@ -8,6 +8,7 @@ centre ``c = (D//2, D//2, D//2)``; rotating a volume V by R gives
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import numba
@@ -139,12 +140,23 @@ def outside_value(volumes: np.ndarray, centred: bool = False) -> np.ndarray:
     """
     volumes = np.asarray(volumes)
     d = volumes.shape[-1]
+    flat = volumes.reshape(*volumes.shape[:-3], d**3)
+    return np.mean(np.take(flat, _boundary_index(d, centred), axis=-1), axis=-1,
+                   dtype=np.float64)
+
+
+@functools.lru_cache(maxsize=16)
+def _boundary_index(d: int, centred: bool) -> np.ndarray:
+    """Flat indices of the boundary voxels of a D^3 box; every rotation of the kernel
+    reads them, and building the boolean box each time cost most of the mean."""
     first, last = ((d - d // 2) % d, d - d // 2 - 1) if centred else (0, d - 1)
     boundary = np.zeros((d, d, d), dtype=bool)
     boundary[[first, last]] = True
     boundary[:, [first, last]] = True
     boundary[:, :, [first, last]] = True
-    return np.mean(volumes[..., boundary], axis=-1, dtype=np.float64)
+    index = np.flatnonzero(boundary)
+    index.flags.writeable = False
+    return index
 
 
 def shift_volume(volume: np.ndarray, shift) -> np.ndarray:
