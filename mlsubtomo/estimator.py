@@ -45,9 +45,6 @@ _MISSING_DATA = ("impute", "weighted_average")
 # sigma never falls below this fraction of the data's RMS per observed component, so
 # that noise-free data give large but finite scores instead of a division by zero.
 _SIGMA_FLOOR = 1e-5
-# Coarse-to-fine candidates covering more than this fraction of the (particle, class,
-# orientation) pairs are replaced by the whole grid (see MissingDataMLClassifier._e_step).
-_DENSE_CANDIDATES = 0.5
 # Bytes of the (particles, K, R, neighbours) posterior gathers compared at once, and
 # of the (rows, R) neighbourhood blocks of the grid.
 _MODE_BATCH_BYTES = 1 << 25
@@ -449,10 +446,9 @@ class MissingDataMLClassifier(DensityMixin, _SubtomogramClassifier):
         nearest to a grid of this step (degrees), in the smallest box when
         cropping, then, per particle and class, the grid orientations within
         ``coarse_step`` of every coarse one whose log posterior is within
-        ``coarse_margin`` of the class's best coarse one; where these cover more
-        than half of the pairs, every pair is searched instead (cheaper than
-        gathering them). None (or ``pruning_threshold=0``, which asks for the
-        exact result): every orientation is searched.
+        ``coarse_margin`` of the class's best coarse one. None (or
+        ``pruning_threshold=0``, which asks for the exact result): every
+        orientation is searched.
     coarse_margin : float, default=100.0
         Largest width (nats) of the window of coarse orientations refined. A coarse
         score falls short of the fine peak near it by however far the nearest coarse
@@ -839,10 +835,6 @@ class MissingDataMLClassifier(DensityMixin, _SubtomogramClassifier):
             and self.coarse_step is not None and self.pruning_threshold > 0
         ):
             candidates = self._coarse_candidates(data, search, settings)
-            # Gathering the pairs of a dense candidate set costs more than scoring
-            # every pair by broadcasting, and the whole grid loses no posterior.
-            if candidates.mean() > _DENSE_CANDIDATES:
-                candidates = None
         cropped = self._crop_size < self._box_size
         if cropped:
             data, settings = kernel.crop_problem(data, settings, self._crop_size)
