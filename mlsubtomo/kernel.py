@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from dataclasses import dataclass, field
 
 import numba
@@ -621,13 +622,26 @@ def _sample_transforms(transforms, classes, sources, where, rows, out):  # pragm
             out[rows[c], where[j]] = np.conj(value) if flip else value
 
 
+# Taylor coefficients of sinc in (pi f)^2: (-1)^k / (2k+1)!, k = 0..10.
+_SINC_TAYLOR = tuple((-1.0) ** k / math.factorial(2 * k + 1) for k in range(11))
+
+
 @numba.njit(cache=True, inline="always")
 def _sinc_squared(f):  # pragma: no cover - compiled
-    """``np.sinc(f) ** 2``."""
-    if f == 0.0:
-        return 1.0
-    x = np.pi * f
-    s = np.sin(x) / x
+    """``np.sinc(f) ** 2``.
+
+    Source frequencies lie within |f| < sqrt(3)/2 cycles per padded voxel, where the
+    series to (pi f)^20 is within 2e-10 of sinc: three sines per sample had cost
+    about a third of the sampling.
+    """
+    if abs(f) >= 1.0:
+        x = np.pi * f
+        s = np.sin(x) / x
+        return s * s
+    x = (np.pi * f) ** 2
+    s = _SINC_TAYLOR[10]
+    for k in range(9, -1, -1):
+        s = s * x + _SINC_TAYLOR[k]
     return s * s
 
 

@@ -210,9 +210,25 @@ def _trilinear_centred(volumes, m, outside, out):  # pragma: no cover - compiled
                 sx = bx + m[2, 2] * jx
                 fz, fy, fx = np.floor(sz), np.floor(sy), np.floor(sx)
                 wz, wy, wx = sz - fz, sy - fy, sx - fx
-                iz, az, iz1, az1 = _taps(int(fz), 1 - wz, wz, lower, upper, d)
-                iy, ay, iy1, ay1 = _taps(int(fy), 1 - wy, wy, lower, upper, d)
-                ix, ax, ix1, ax1 = _taps(int(fx), 1 - wx, wx, lower, upper, d)
+                kz, ky, kx = int(fz), int(fy), int(fx)
+                # Most samples have all eight neighbours inside: no taps to clip.
+                if (lower <= kz < upper - 1 and lower <= ky < upper - 1
+                        and lower <= kx < upper - 1):
+                    z0, y0, x0 = _wrap(kz, d), _wrap(ky, d), _wrap(kx, d)
+                    z1, y1, x1 = _wrap(kz + 1, d), _wrap(ky + 1, d), _wrap(kx + 1, d)
+                    for c in range(volumes.shape[0]):
+                        v = volumes[c]
+                        near = (v[z0, y0, x0] * (1 - wx) + v[z0, y0, x1] * wx) * (1 - wy) + (
+                            v[z0, y1, x0] * (1 - wx) + v[z0, y1, x1] * wx
+                        ) * wy
+                        far = (v[z1, y0, x0] * (1 - wx) + v[z1, y0, x1] * wx) * (1 - wy) + (
+                            v[z1, y1, x0] * (1 - wx) + v[z1, y1, x1] * wx
+                        ) * wy
+                        out[c, oz, oy, ox] = near * (1 - wz) + far * wz
+                    continue
+                iz, az, iz1, az1 = _taps(kz, 1 - wz, wz, lower, upper, d)
+                iy, ay, iy1, ay1 = _taps(ky, 1 - wy, wy, lower, upper, d)
+                ix, ax, ix1, ax1 = _taps(kx, 1 - wx, wx, lower, upper, d)
                 rest = 1 - (az + az1) * (ay + ay1) * (ax + ax1)
                 if rest == 1.0:
                     for c in range(volumes.shape[0]):
