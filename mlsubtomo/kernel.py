@@ -49,6 +49,7 @@ from .transform import (
     outside_value,
     rotate_centred,
     shift_volume,
+    trilinear_corners,
     uncentre_from_fft,
 )
 
@@ -611,14 +612,9 @@ def _sample_transforms(transforms, classes, sources, where, rows, out):  # pragm
         y0, z0 = int(fy) % n, int(fz) % n
         y1, z1 = (y0 + 1) % n, (z0 + 1) % n
         for c in range(classes.shape[0]):
-            t = transforms[classes[c]]
-            near = (t[z0, y0, x0] * (1 - wx) + t[z0, y0, x1] * wx) * (1 - wy) + (
-                t[z0, y1, x0] * (1 - wx) + t[z0, y1, x1] * wx
-            ) * wy
-            far = (t[z1, y0, x0] * (1 - wx) + t[z1, y0, x1] * wx) * (1 - wy) + (
-                t[z1, y1, x0] * (1 - wx) + t[z1, y1, x1] * wx
-            ) * wy
-            value = (near * (1 - wz) + far * wz) * gain
+            value = trilinear_corners(
+                transforms[classes[c]], z0, z1, y0, y1, x0, x1, wz, wy, wx
+            ) * gain
             out[rows[c], where[j]] = np.conj(value) if flip else value
 
 

@@ -217,14 +217,9 @@ def _trilinear_centred(volumes, m, outside, out):  # pragma: no cover - compiled
                     z0, y0, x0 = _wrap(kz, d), _wrap(ky, d), _wrap(kx, d)
                     z1, y1, x1 = _wrap(kz + 1, d), _wrap(ky + 1, d), _wrap(kx + 1, d)
                     for c in range(volumes.shape[0]):
-                        v = volumes[c]
-                        near = (v[z0, y0, x0] * (1 - wx) + v[z0, y0, x1] * wx) * (1 - wy) + (
-                            v[z0, y1, x0] * (1 - wx) + v[z0, y1, x1] * wx
-                        ) * wy
-                        far = (v[z1, y0, x0] * (1 - wx) + v[z1, y0, x1] * wx) * (1 - wy) + (
-                            v[z1, y1, x0] * (1 - wx) + v[z1, y1, x1] * wx
-                        ) * wy
-                        out[c, oz, oy, ox] = near * (1 - wz) + far * wz
+                        out[c, oz, oy, ox] = trilinear_corners(
+                            volumes[c], z0, z1, y0, y1, x0, x1, wz, wy, wx
+                        )
                     continue
                 iz, az, iz1, az1 = _taps(kz, 1 - wz, wz, lower, upper, d)
                 iy, ay, iy1, ay1 = _taps(ky, 1 - wy, wy, lower, upper, d)
@@ -246,6 +241,19 @@ def _trilinear_centred(volumes, m, outside, out):  # pragma: no cover - compiled
                         volumes[c, iz1, iy1, ix] * ax + volumes[c, iz1, iy1, ix1] * ax1
                     ) * ay1
                     out[c, oz, oy, ox] = near * az + far * az1 + rest * outside[c]
+
+
+@numba.njit(cache=True, inline="always")
+def trilinear_corners(v, z0, z1, y0, y1, x0, x1, wz, wy, wx):  # pragma: no cover - compiled
+    """Trilinear interpolation of the 3D array ``v`` (real or complex) from its eight
+    corners ``(z0|z1, y0|y1, x0|x1)``, with weights ``w`` on the second of each pair."""
+    near = (v[z0, y0, x0] * (1 - wx) + v[z0, y0, x1] * wx) * (1 - wy) + (
+        v[z0, y1, x0] * (1 - wx) + v[z0, y1, x1] * wx
+    ) * wy
+    far = (v[z1, y0, x0] * (1 - wx) + v[z1, y0, x1] * wx) * (1 - wy) + (
+        v[z1, y1, x0] * (1 - wx) + v[z1, y1, x1] * wx
+    ) * wy
+    return near * (1 - wz) + far * wz
 
 
 @numba.njit(cache=True, inline="always")
