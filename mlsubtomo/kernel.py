@@ -613,7 +613,8 @@ def _sample_transforms(transforms, classes, sources, where, rows, out):  # pragm
         y1, z1 = (y0 + 1) % n, (z0 + 1) % n
         for c in range(classes.shape[0]):
             value = trilinear_corners(
-                transforms[classes[c]], z0, z1, y0, y1, x0, x1, wz, wy, wx
+                transforms[classes[c]], z0, z1, y0, y1, x0, x1,
+                1 - wz, wz, 1 - wy, wy, 1 - wx, wx,
             ) * gain
             out[rows[c], where[j]] = np.conj(value) if flip else value
 

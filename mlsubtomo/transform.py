@@ -218,7 +218,8 @@ def _trilinear_centred(volumes, m, outside, out):  # pragma: no cover - compiled
                     z1, y1, x1 = _wrap(kz + 1, d), _wrap(ky + 1, d), _wrap(kx + 1, d)
                     for c in range(volumes.shape[0]):
                         out[c, oz, oy, ox] = trilinear_corners(
-                            volumes[c], z0, z1, y0, y1, x0, x1, wz, wy, wx
+                            volumes[c], z0, z1, y0, y1, x0, x1,
+                            1 - wz, wz, 1 - wy, wy, 1 - wx, wx,
                         )
                     continue
                 iz, az, iz1, az1 = _taps(kz, 1 - wz, wz, lower, upper, d)
@@ -230,30 +231,25 @@ def _trilinear_centred(volumes, m, outside, out):  # pragma: no cover - compiled
                         out[c, oz, oy, ox] = outside[c]
                     continue
                 for c in range(volumes.shape[0]):
-                    near = (
-                        volumes[c, iz, iy, ix] * ax + volumes[c, iz, iy, ix1] * ax1
-                    ) * ay + (
-                        volumes[c, iz, iy1, ix] * ax + volumes[c, iz, iy1, ix1] * ax1
-                    ) * ay1
-                    far = (
-                        volumes[c, iz1, iy, ix] * ax + volumes[c, iz1, iy, ix1] * ax1
-                    ) * ay + (
-                        volumes[c, iz1, iy1, ix] * ax + volumes[c, iz1, iy1, ix1] * ax1
-                    ) * ay1
-                    out[c, oz, oy, ox] = near * az + far * az1 + rest * outside[c]
+                    out[c, oz, oy, ox] = trilinear_corners(
+                        volumes[c], iz, iz1, iy, iy1, ix, ix1, az, az1, ay, ay1, ax, ax1
+                    ) + rest * outside[c]
 
 
 @numba.njit(cache=True, inline="always")
-def trilinear_corners(v, z0, z1, y0, y1, x0, x1, wz, wy, wx):  # pragma: no cover - compiled
+def trilinear_corners(
+    v, z0, z1, y0, y1, x0, x1, az0, az1, ay0, ay1, ax0, ax1
+):  # pragma: no cover - compiled
     """Trilinear interpolation of the 3D array ``v`` (real or complex) from its eight
-    corners ``(z0|z1, y0|y1, x0|x1)``, with weights ``w`` on the second of each pair."""
-    near = (v[z0, y0, x0] * (1 - wx) + v[z0, y0, x1] * wx) * (1 - wy) + (
-        v[z0, y1, x0] * (1 - wx) + v[z0, y1, x1] * wx
-    ) * wy
-    far = (v[z1, y0, x0] * (1 - wx) + v[z1, y0, x1] * wx) * (1 - wy) + (
-        v[z1, y1, x0] * (1 - wx) + v[z1, y1, x1] * wx
-    ) * wy
-    return near * (1 - wz) + far * wz
+    corners ``(z0|z1, y0|y1, x0|x1)``, with weights ``a`` per corner and axis (a
+    clipped corner weighs 0)."""
+    near = (v[z0, y0, x0] * ax0 + v[z0, y0, x1] * ax1) * ay0 + (
+        v[z0, y1, x0] * ax0 + v[z0, y1, x1] * ax1
+    ) * ay1
+    far = (v[z1, y0, x0] * ax0 + v[z1, y0, x1] * ax1) * ay0 + (
+        v[z1, y1, x0] * ax0 + v[z1, y1, x1] * ax1
+    ) * ay1
+    return near * az0 + far * az1
 
 
 @numba.njit(cache=True, inline="always")
