@@ -567,19 +567,23 @@ class _PaddedTransforms:
         qx, qy, qz = (np.broadcast_to(f, observed.shape)[observed] for f in frequency_grid(d))
         self.frequencies = np.stack([qx, qy, qz], axis=1)
 
-    def rotated(self, rotations, needed):
+    def rotated(self, rotations, needed, lines=None):
         """Half-grid transforms (m, D, D, D//2+1) of the needed (K, b) pairs, in the
-        order of ``np.flatnonzero(needed)``; zero where no mask observes."""
+        order of ``np.flatnonzero(needed)``; zero where no mask observes. With
+        ``lines`` (:class:`_Lines` of the same masks), in its layout instead."""
         d = self.d
-        out = np.zeros((int(needed.sum()), d * d * (d // 2 + 1)), dtype=np.complex64)
+        shape, where = ((d, d, d // 2 + 1), self.where) if lines is None else (
+            lines.shape, lines.positions(self.where)
+        )
+        out = np.zeros((int(needed.sum()), math.prod(shape)), dtype=np.complex64)
         slots = _slots(needed)
         for ri in np.flatnonzero(needed.any(axis=0)):
             classes = np.flatnonzero(needed[:, ri])
             # Padded frequencies of the sources, (x, y, z) rows: 2 R^T q.
             sources = self.frequencies @ (2.0 * np.asarray(rotations[ri], dtype=np.float64))
-            _sample_transforms(self.transforms, classes, sources, self.where,
+            _sample_transforms(self.transforms, classes, sources, where,
                                slots[classes, ri], out)
-        return out.reshape(len(out), d, d, d // 2 + 1)
+        return out.reshape(len(out), *shape)
 
 
 @numba.njit(cache=True, nogil=True)
@@ -724,6 +728,16 @@ class _Lines:
         z, x = np.divmod(self.columns, h)
         self.flat = (z[None, :] * d + np.arange(d)[:, None]) * h + x[None, :]
         self.shape = (d, len(self.columns))
+
+    def positions(self, flat_index: np.ndarray) -> np.ndarray:
+        """Where the half-grid voxels ``flat_index`` (all on live lines) sit in a
+        compact array, flattened."""
+        inverse = np.full(self.d * self.d * self.h, -1, dtype=np.int64)
+        inverse[self.flat.ravel()] = np.arange(self.flat.size)
+        out = inverse[flat_index]
+        if np.any(out < 0):
+            raise ValueError("some voxels lie off the live lines")
+        return out
 
     def compact(self, arrays: np.ndarray) -> np.ndarray:
         """(m, D, L), C-contiguous, from half grids (m, D, D, D//2+1)."""
@@ -1017,15 +1031,19 @@ def _block_transforms(scorer, transforms, block, needed):
     (m, ...) in the order of ``np.flatnonzero(needed)`` (rotated here unless
     ``transforms`` holds them all), their masked power (G, m) and the slots (K, b)
     that index them."""
-    if transforms is None:
-        rotated = _rotate_block(
-            scorer.model.references, scorer.search.rotations[block], scorer.settings, needed,
-            scorer.padded,
-        )
-    else:
+    rotations = scorer.search.rotations[block]
+    if transforms is not None:
         mine = transforms[:, block]
-        rotated = mine.reshape(-1, *mine.shape[2:]) if needed.all() else mine[needed]
-    rotated = scorer.lines.compact(rotated)
+        rotated = scorer.lines.compact(
+            mine.reshape(-1, *mine.shape[2:]) if needed.all() else mine[needed]
+        )
+    elif scorer.padded is not None:
+        # Sampled straight into the layout: a sixth of the half grid is observed.
+        rotated = scorer.padded.rotated(rotations, needed, scorer.lines)
+    else:
+        rotated = scorer.lines.compact(
+            _rotate_block(scorer.model.references, rotations, scorer.settings, needed)
+        )
     return rotated, scorer.masked_power(rotated), _slots(needed)
 
 
