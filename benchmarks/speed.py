@@ -36,7 +36,9 @@ modes
     run time, purity and median orientation error (up to the phantoms' D7 / C7
     symmetry and one global rotation per class). Modes: ``exhaustive``,
     ``accelerated`` (all three options), ``accelerated_fourier`` (the same with
-    ``reference_rotation="fourier"``), and each option alone (``cropped``:
+    ``reference_rotation="fourier"``), ``accelerated_pruned`` (that with
+    ``pruning_threshold=1e-4``, which also narrows where local refinement looks),
+    and each option alone (``cropped``:
     ``min_box_size=16``, ``coarse``: ``coarse_step=30``, ``local``:
     ``local_refinement=20``). ``--seeds`` repeats each run with other
     ``random_state`` (random initial references and grid perturbations) on the same
@@ -252,6 +254,9 @@ ACCELERATED = {k: v for options in SINGLE_MODES.values() for k, v in options.ite
 MODES = {
     "exhaustive": {}, "accelerated": ACCELERATED,
     "accelerated_fourier": {**ACCELERATED, "reference_rotation": "fourier"},
+    "accelerated_pruned": {
+        **ACCELERATED, "reference_rotation": "fourier", "pruning_threshold": 1e-4,
+    },
     **SINGLE_MODES,
 }
 

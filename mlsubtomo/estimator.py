@@ -470,7 +470,11 @@ class MissingDataMLClassifier(DensityMixin, _SubtomogramClassifier):
     pruning_threshold : float, default=1e-8
         (particle, class, orientation) pairs whose best posterior is below this
         fraction of the particle's best are left out of the statistics (xmipp's
-        SIGNIFICANT_WEIGHT_LOW); 0 keeps every pair and is exact.
+        SIGNIFICANT_WEIGHT_LOW); 0 keeps every pair and is exact. It also bounds
+        the pairs ``local_refinement`` searches near. On the paper's setting with the
+        accelerated options, 1e-4 in place of 1e-8 took the whole run at SNR 0.01
+        from 241 to 166 s, with purity 0.98 against 0.975 and the median orientation
+        error 0.25 degrees lower (one seed; benchmarks/speed.py).
     interpolation_order : int, default=1
         Spline order of the real-space rotations (1: trilinear).
     reference_rotation : {"real", "fourier"}, default="real"
