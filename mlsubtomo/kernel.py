@@ -731,12 +731,17 @@ class _Lines:
         self.flat = (z[None, :] * d + np.arange(d)[:, None]) * h + x[None, :]
         self.shape = (d, len(self.columns))
 
+    @functools.cached_property
+    def _inverse(self) -> np.ndarray:
+        """The compact position of every half-grid voxel, -1 off the live lines."""
+        inverse = np.full(self.d * self.d * self.h, -1, dtype=np.int64)
+        inverse[self.flat.ravel()] = np.arange(self.flat.size)
+        return inverse
+
     def positions(self, flat_index: np.ndarray) -> np.ndarray:
         """Where the half-grid voxels ``flat_index`` (all on live lines) sit in a
         compact array, flattened."""
-        inverse = np.full(self.d * self.d * self.h, -1, dtype=np.int64)
-        inverse[self.flat.ravel()] = np.arange(self.flat.size)
-        out = inverse[flat_index]
+        out = self._inverse[flat_index]
         if np.any(out < 0):
             raise ValueError("some voxels lie off the live lines")
         return out
@@ -944,9 +949,9 @@ class _Scorer:
     def pair_scores(self, k, particles, cross, power, relative):
         """Best score over shifts of each pair, its shift and the log-sum over shifts;
         the scores less their pair's best go to ``relative`` (m, T)."""
-        offset = self.model.log_class_weights[k] + self.log_orientation_prior[particles]
         top, arg = _shift_scores(
-            cross, self.chunk.power[particles] + power, offset, self.log_shift_prior,
+            cross, self.chunk.power[particles] + power, self._offset(k, particles),
+            self.log_shift_prior,
             self.inv_two_var, relative,
         )
         lse = top + np.log(np.sum(np.exp(relative), axis=1))
@@ -956,15 +961,18 @@ class _Scorer:
         """Posteriors ``gamma`` (m, T) of the pairs whose scores are ``relative`` + ``top``
         when each particle's kept mass is ``exp(log_norm)``; their sum per pair, and the
         sums of ``gamma`` times the residual and times ``|t|^2`` over all of them."""
-        offset = self.model.log_class_weights[k] + self.log_orientation_prior[particles]
         gamma = np.empty(relative.shape)
         _log_posteriors(relative, top, log_norm[particles], gamma)
         np.exp(gamma, out=gamma)
         mass, residual, shift = _posterior_sums(
-            gamma, relative, top, offset, self.finite_shift_prior, self.inv_two_var,
-            self.shift_sq,
+            gamma, relative, top, self._offset(k, particles), self.finite_shift_prior,
+            self.inv_two_var, self.shift_sq,
         )
         return gamma, mass, residual, shift
+
+    def _offset(self, k, particles):
+        """The part of every score of class ``k`` that does not depend on the shift."""
+        return self.model.log_class_weights[k] + self.log_orientation_prior[particles]
 
 
 # Scores and posteriors by compiled passes over each pair's shifts: numpy's dozen
