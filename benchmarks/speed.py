@@ -234,9 +234,10 @@ def part_scaling(quick: bool) -> dict:
         time_ratio = large["seconds"] / small["seconds"]
         entry = {"rows": rows, "size_ratio": size_ratio, "time_ratio": time_ratio,
                  "time_ratio_over_size_ratio": time_ratio / size_ratio}
-        if name == "N":
+        if name in ("N", "K", "R"):
+            # Separates the work shared across the sizes from the work per unit.
             b, a = np.polyfit([r["size"] for r in rows], [r["seconds"] for r in rows], 1)
-            entry["affine_fit"] = {"seconds_fixed": a, "seconds_per_particle": b}
+            entry["affine_fit"] = {"seconds_fixed": a, "seconds_per_unit": b}
         if name == "D":
             # The work per pair grows as D^3 (rotations) to D^3 log D (FFTs).
             entry["size_ratio_cubed"] = size_ratio**3
@@ -541,14 +542,22 @@ def markdown(results: dict) -> str:
             sizes = ", ".join(str(r["size"]) for r in e["rows"])
             secs = ", ".join(f"{r['seconds']:.2f}" for r in e["rows"])
             lines.append(f"| {name} | {sizes} | {secs} | {e['time_ratio_over_size_ratio']:.2f} |")
-        if "N" in sc and "affine_fit" in sc["N"]:
-            a = sc["N"]["affine_fit"]
+        fits = {name: sc[name]["affine_fit"] for name in ("N", "K", "R")
+                if "affine_fit" in sc.get(name, {})}
+        if fits:
+            lines += ["", "Affine fits, t = fixed + per unit x size:", ""]
+            for name, a in fits.items():
+                # Rows of older runs named the slope by its unit.
+                slope = a.get("seconds_per_unit", a.get("seconds_per_particle"))
+                lines.append(f"- {name}: t = {a['seconds_fixed']:.3f} s + "
+                             f"{slope * 1e3:.2f} ms x {name}")
             lines += [
                 "",
-                f"Time against N: t = {a['seconds_fixed']:.2f} s + "
-                f"{a['seconds_per_particle'] * 1e3:.1f} ms x N. The fixed part is the work "
-                "per (class, orientation): rotating the references and rotating the sums "
-                "back, which does not depend on N.",
+                "The fixed part of N is the work per (class, orientation): rotating the "
+                "references and rotating the sums back. That of K is the work the classes "
+                "share: each orientation's interpolation weights serve all classes at once, "
+                "and the M-step follows the pairs of non-negligible posterior, whose number "
+                "depends on the data more than on K.",
             ]
         if "D" in sc:
             lines += [
