@@ -1095,7 +1095,10 @@ def _progress(n_particles, verbose):
         return
     from tqdm.auto import tqdm
 
-    with tqdm(total=n_particles, unit="particle", desc="E-step", leave=False) as bar:
+    # Blocks report fractions of their chunk's particles: show whole particles.
+    with tqdm(total=n_particles, unit="particle", desc="E-step", leave=False,
+              bar_format="{l_bar}{bar}| {n:.0f}/{total_fmt} [{elapsed}<{remaining}, "
+                         "{rate_fmt}{postfix}]") as bar:
         yield bar
 
 
