@@ -547,10 +547,8 @@ def markdown(results: dict) -> str:
         if fits:
             lines += ["", "Affine fits, t = fixed + per unit x size:", ""]
             for name, a in fits.items():
-                # Rows of older runs named the slope by its unit.
-                slope = a.get("seconds_per_unit", a.get("seconds_per_particle"))
                 lines.append(f"- {name}: t = {a['seconds_fixed']:.3f} s + "
-                             f"{slope * 1e3:.2f} ms x {name}")
+                             f"{a['seconds_per_unit'] * 1e3:.2f} ms x {name}")
             lines += [
                 "",
                 "The fixed part of N is the work per (class, orientation): rotating the "

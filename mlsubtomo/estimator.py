@@ -476,7 +476,8 @@ class MissingDataMLClassifier(DensityMixin, _SubtomogramClassifier):
         from 241 to 160-173 s (three seeds), with purity 0.97-0.98 and the median
         orientation error within 0.74 degrees of the exhaustive run's on the seeds
         where that run kept the classes apart (0 and 1: purity 0.98 and 0.97
-        against 0.975 and 0.98; benchmarks/speed.py).
+        against 0.975 and 0.98; benchmarks/speed.py; docs/scaling.rst gives later
+        runs).
     interpolation_order : int, default=1
         Spline order of the real-space rotations (1: trilinear).
     reference_rotation : {"real", "fourier"}, default="real"

@@ -1029,7 +1029,7 @@ def _posterior_sums(gamma, relative, top, offset, finite_shift_prior, inv_two_va
 def _run_sums(weighted, data, particles, bounds, out):  # pragma: no cover - compiled
     """``out[i] = sum_j weighted[j] * data[particles[j]]`` over the pairs ``j`` of run
     ``i``, ``bounds[i]:bounds[i + 1]``, in complex128: no gathered copy of the data and
-    no product array (three times as fast as numpy's multiply and slice sums)."""
+    no product array (2.8 times as fast as numpy's multiply and slice sums, D 24/32)."""
     for i in range(out.shape[0]):
         row = out[i]
         row[:] = 0
