@@ -11,6 +11,7 @@ workers each build their own) and ``scipy.fft``.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 
 import numpy as np
@@ -87,7 +88,7 @@ class FFTBackend:
     float32 and complex64. Inputs are never modified, and each call returns a new
     array unless an ``out`` array is passed. The object holds only its name and
     thread count, so it pickles cheaply; pyFFTW plans live in a per-process cache
-    and may be shared by Python threads (calls on one plan are serialised).
+    and may be shared by Python threads (each concurrent caller gets a plan of its own).
     """
 
     def __init__(self, name: str = "pyfftw", threads: int = 1):
@@ -136,20 +137,20 @@ class FFTBackend:
             _check_out(out, out_shape, np.complex64, None)
             out[...] = result
             return out
-        plan = _plan("forward", x.shape, self.threads)
-        if out is None:
-            out = _empty_aligned(out_shape, np.complex64)
-        else:
-            _check_out(out, out_shape, np.complex64, plan.fftw)
-        if (
-            x.strides != plan.fftw.input_strides
-            or not _aligned(x, plan.fftw.input_alignment)
-            or np.may_share_memory(x, out)
-        ):
-            # Hand pyFFTW an array it reads as-is: its own fallback would copy into the
-            # array of its previous call, which may belong to another caller.
-            x = _aligned_copy(x)
-        plan.execute(x, out)
+        with _plan("forward", x.shape, self.threads) as plan:
+            if out is None:
+                out = _empty_aligned(out_shape, np.complex64)
+            else:
+                _check_out(out, out_shape, np.complex64, plan.fftw)
+            if (
+                x.strides != plan.fftw.input_strides
+                or not _aligned(x, plan.fftw.input_alignment)
+                or np.may_share_memory(x, out)
+            ):
+                # Hand pyFFTW an array it reads as-is: its own fallback would copy into
+                # the array of its previous call, which may belong to another caller.
+                x = _aligned_copy(x)
+            plan.execute(x, out)
         return out
 
     def irfftn(self, x: np.ndarray, box_size: int, out: np.ndarray | None = None) -> np.ndarray:
@@ -187,14 +188,14 @@ class FFTBackend:
             _check_out(out, shape, np.float32, None)
             out[...] = result
             return out
-        plan = _plan("backward", shape, self.threads)
-        if out is None:
-            out = _empty_aligned(shape, np.float32)
-        else:
-            _check_out(out, shape, np.float32, plan.fftw)
-        # Multi-dimensional c2r transforms destroy their input: the plan works on a
-        # private copy (scaled on the way), so x is left intact.
-        plan.execute(x, out)
+        with _plan("backward", shape, self.threads) as plan:
+            if out is None:
+                out = _empty_aligned(shape, np.float32)
+            else:
+                _check_out(out, shape, np.float32, plan.fftw)
+            # Multi-dimensional c2r transforms destroy their input: the plan works on a
+            # private copy (scaled on the way), so x is left intact.
+            plan.execute(x, out)
         return out
 
 
@@ -234,12 +235,13 @@ def _aligned_copy(a: np.ndarray) -> np.ndarray:
 
 
 class _Plan:
-    """A pyFFTW plan with its own buffers, its orthonormal factor and a lock.
+    """A pyFFTW plan with its own buffers and its orthonormal factor.
 
     ``pyfftw.FFTW`` keeps the arrays of its last call, and its ``__call__`` is not
-    thread-safe (it points the plan at new arrays, then executes). :meth:`execute`
-    therefore holds the lock and points the plan back at its own buffers afterwards,
-    so that no caller's array is kept alive or written to by a later call.
+    thread-safe (it points the plan at new arrays, then executes). A plan therefore
+    serves one caller at a time (:func:`_plan` lends it out), and :meth:`execute`
+    points it back at its own buffers afterwards, so that no caller's array is kept
+    alive or written to by a later call.
     """
 
     def __init__(self, fftw, src, dst, forward: bool):
@@ -249,7 +251,6 @@ class _Plan:
         self.forward = forward
         n = int(np.prod(fftw.input_shape[-3:] if forward else fftw.output_shape[-3:]))
         self.scale = np.float32(1.0 / np.sqrt(n))
-        self.lock = threading.Lock()
 
     def execute(self, x: np.ndarray, out: np.ndarray) -> None:
         """Orthonormal transform of ``x`` into ``out``.
@@ -259,47 +260,54 @@ class _Plan:
         copied, scaled on the way, into the private input buffer, because
         multi-dimensional c2r transforms destroy their input.
         """
-        with self.lock:
-            try:
-                if self.forward:
-                    self.fftw.update_arrays(x, out)
-                else:
-                    np.multiply(x, self.scale, out=self.src)
-                    self.fftw.update_arrays(self.src, out)
-                self.fftw.execute()
-            finally:
-                self.fftw.update_arrays(self.src, self.dst)
+        try:
+            if self.forward:
+                self.fftw.update_arrays(x, out)
+            else:
+                np.multiply(x, self.scale, out=self.src)
+                self.fftw.update_arrays(self.src, out)
+            self.fftw.execute()
+        finally:
+            self.fftw.update_arrays(self.src, self.dst)
         if self.forward:
             out *= self.scale
 
 
-def _plan(direction: str, real_shape: tuple, threads: int) -> _Plan:
-    """The cached pyFFTW plan for a real-side shape (made on first use in this process)."""
+@contextlib.contextmanager
+def _plan(direction: str, real_shape: tuple, threads: int):
+    """Lend a cached pyFFTW plan for a real-side shape, made on first use in this
+    process. Threads that transform the same shape at once each get a plan of their
+    own: sharing one serialised them (back-rotations of the statistics, two cores)."""
     key = (direction, tuple(real_shape), threads)
-    plan = _PLANS.get(key)
-    if plan is not None:
-        return plan
+    with _PLAN_LOCK:
+        idle = _PLANS.setdefault(key, [])
+        # The FFTW planner is not thread-safe: plans are made under the lock too.
+        plan = idle.pop() if idle else _new_plan(direction, real_shape, threads)
+    try:
+        yield plan
+    finally:
+        with _PLAN_LOCK:
+            idle.append(plan)
+
+
+def _new_plan(direction: str, real_shape: tuple, threads: int) -> _Plan:
     import pyfftw
 
-    with _PLAN_LOCK:
-        plan = _PLANS.get(key)
-        if plan is None:
-            complex_shape = tuple(real_shape[:-1]) + (real_shape[-1] // 2 + 1,)
-            real = pyfftw.empty_aligned(real_shape, dtype=np.float32)
-            cplx = pyfftw.empty_aligned(complex_shape, dtype=np.complex64)
-            if direction == "forward":
-                src, dst, fftw_dir = real, cplx, "FFTW_FORWARD"
-            else:
-                src, dst, fftw_dir = cplx, real, "FFTW_BACKWARD"
-            fftw = pyfftw.FFTW(
-                src,
-                dst,
-                axes=(-3, -2, -1),
-                direction=fftw_dir,
-                flags=("FFTW_MEASURE",),
-                threads=threads,
-                ortho=False,
-                normalise_idft=False,
-            )
-            plan = _PLANS[key] = _Plan(fftw, src, dst, direction == "forward")
-    return plan
+    complex_shape = tuple(real_shape[:-1]) + (real_shape[-1] // 2 + 1,)
+    real = pyfftw.empty_aligned(real_shape, dtype=np.float32)
+    cplx = pyfftw.empty_aligned(complex_shape, dtype=np.complex64)
+    if direction == "forward":
+        src, dst, fftw_dir = real, cplx, "FFTW_FORWARD"
+    else:
+        src, dst, fftw_dir = cplx, real, "FFTW_BACKWARD"
+    fftw = pyfftw.FFTW(
+        src,
+        dst,
+        axes=(-3, -2, -1),
+        direction=fftw_dir,
+        flags=("FFTW_MEASURE",),
+        threads=threads,
+        ortho=False,
+        normalise_idft=False,
+    )
+    return _Plan(fftw, src, dst, direction == "forward")

@@ -202,7 +202,7 @@ def test_two_threads_match_one(backend, d):
 
 
 def test_concurrent_calls_from_threads():
-    """Calls sharing one cached plan from several Python threads stay correct."""
+    """Calls on one shape from several Python threads at once stay correct."""
     backend = FFTBackend("pyfftw")
     inputs = [_volumes((2,), 16, seed=20 + i) for i in range(16)]
 
@@ -215,6 +215,23 @@ def test_concurrent_calls_from_threads():
     for x, (X, y) in zip(inputs, results, strict=True):
         _assert_close(X, np.fft.rfftn(x.astype(np.float64), axes=AXES, norm="ortho"))
         _assert_close(y, x)
+
+
+def test_a_busy_plan_is_not_waited_for():
+    """While one caller holds the plan of a shape, another gets a plan of its own
+    (a shared plan had serialised the threads) and every plan returns to the cache."""
+    from mlsubtomo import fft
+
+    backend = FFTBackend("pyfftw")
+    x = _volumes((3,), 12, seed=31)
+    backend.rfftn(x)
+    key = ("forward", x.shape, 1)
+    with fft._plan(*key) as held:
+        # From this thread a shared plan would deadlock on its own lock.
+        X = backend.rfftn(x)
+        assert len(fft._PLANS[key]) == 1 and fft._PLANS[key][0] is not held
+    _assert_close(X, np.fft.rfftn(x.astype(np.float64), axes=AXES, norm="ortho"))
+    assert held in fft._PLANS[key] and len(fft._PLANS[key]) == 2
 
 
 def test_bad_arguments():
