@@ -20,9 +20,11 @@ and, for even D, ``qx = D/2``) each pair takes the value computed at one member.
 from __future__ import annotations
 
 import abc
+import math
 import numbers
 import operator
 
+import numba
 import numpy as np
 from scipy.spatial.transform import Rotation
 
@@ -184,6 +186,20 @@ def _wedge(u: np.ndarray, z: np.ndarray, tilt_min: float, tilt_max: float) -> np
     return ((lo <= 0) & (hi >= 0)) | ((lo >= 0) & (hi <= 0))
 
 
+@numba.njit(cache=True, nogil=True)
+def _turned_frequencies(matrices, q, out):  # pragma: no cover - compiled
+    """``out[n, i, m] = sum_j R[n, j, i] q[j, m]`` (the columns of R^T q, float64), with
+    values within _SNAP of an integer set to it, so that frequencies on a plane of
+    the geometry stay on it. One pass: numpy's five cost ten times the criterion."""
+    for n in range(matrices.shape[0]):
+        r = matrices[n]
+        for m in range(q.shape[1]):
+            for i in range(3):
+                v = r[0, i] * q[0, m] + r[1, i] * q[1, m] + r[2, i] * q[2, m]
+                nearest = np.rint(v)
+                out[n, i, m] = nearest if abs(v - nearest) < _SNAP else v
+
+
 class Mask(abc.ABC):
     """Base class of the missing-data geometries.
 
@@ -224,23 +240,25 @@ class Mask(abc.ABC):
             qx, qy, qz = frequency_grid(d)
             out = (self._criterion(qx, qy, qz, d) & band)[None]
         else:
-            out = self._rotated(matrices, d) & band
+            out = self._rotated(matrices, d, np.flatnonzero(band))
         _symmetrise_planes(out, d)
         return out[0] if single else out
 
-    def _rotated(self, matrices: np.ndarray, box_size: int) -> np.ndarray:
-        """The criterion at ``R^T q`` for every matrix, shape (n, D, D, D//2+1)."""
+    def _rotated(self, matrices: np.ndarray, box_size: int, where: np.ndarray) -> np.ndarray:
+        """The criterion at ``R^T q`` for every matrix, shape (n, D, D, D//2+1), at the
+        flat half-grid indices ``where`` (the band: about half the grid) and False
+        elsewhere."""
         shape = half_grid_shape(box_size)
-        q = np.stack([np.broadcast_to(c, shape).ravel() for c in frequency_grid(box_size)])
-        out = np.empty((len(matrices), q.shape[1]), dtype=bool)
-        step = max(1, _BLOCK // q.shape[1])
+        q = np.stack([np.broadcast_to(c, shape).ravel()[where] for c in frequency_grid(box_size)])
+        out = np.zeros((len(matrices), math.prod(shape)), dtype=bool)
+        step = max(1, _BLOCK // max(1, q.shape[1]))
         for start in range(0, len(matrices), step):
-            block = matrices[start : start + step]
-            # p[n, i, m] = sum_j R[n, j, i] q[j, m]: the columns of R^T q, in float64.
-            p = np.einsum("nji,jm->nim", block, q)
-            nearest = np.rint(p)
-            p = np.where(np.abs(p - nearest) < _SNAP, nearest, p)
-            out[start : start + step] = self._criterion(p[:, 0], p[:, 1], p[:, 2], box_size)
+            block = np.ascontiguousarray(matrices[start : start + step], dtype=np.float64)
+            p = np.empty((len(block), 3, q.shape[1]))
+            _turned_frequencies(block, q, p)
+            out[start : start + step, where] = self._criterion(
+                p[:, 0], p[:, 1], p[:, 2], box_size
+            )
         return out.reshape(len(matrices), *shape)
 
     def _check_box_size(self, box_size: int) -> None:
