@@ -28,6 +28,10 @@ memory
     size, so the peak is reached in the first chunk; the child is stopped once its
     progress bar shows the first chunk done, or at the time limit (then the table
     says how far it got).
+gpu
+    The floor's setting with ``device="gpu"`` against the CPU kernel (n_jobs = 2):
+    iteration times, their ratio, and whether the two fits agree. Only where CuPy
+    finds a CUDA device; not among the default parts.
 
 modes
     The whole paper run (40 iterations, regularisation 5 -> 0 in 5 iterations,
@@ -204,6 +208,37 @@ def part_floor(quick: bool) -> dict:
         "speedup_n_jobs_2": times[1] / times[2],
         "side_by_side_seconds": times["pair"],
         "side_by_side_speedup": 2 * times[1] / times["pair"],
+    }
+
+
+def part_gpu(quick: bool) -> dict:
+    """The floor's setting on the GPU against the CPU (n_jobs = 2), side by side."""
+    from mlsubtomo import gpu
+
+    try:
+        gpu.cuda_array_module()
+    except (ImportError, RuntimeError) as error:
+        return {"skipped": str(error)}
+    n, k, d, step, shift = (40, 2, 16, 30.0, 1) if quick else (200, 2, 32, 15.0, 3)
+    data = make_dataset(_phantoms(d, k), n, masks=WEDGE, snr=0.05, max_shift=shift,
+                        random_state=0)
+    fits, times = {}, {"cpu": np.inf, "gpu": np.inf}
+    for _ in range(1 if quick else 3):
+        for device in ("cpu", "gpu"):
+            est = MissingDataMLClassifier(k, angular_step=step, max_shift=shift, n_jobs=2,
+                                          random_state=0, device=device)
+            times[device] = min(times[device], iteration_seconds(est, data.volumes, 2))
+            fits[device] = est
+    scale = float(np.abs(fits["cpu"].references_).max())
+    return {
+        "setting": {"N": n, "K": k, "D": d, "angular_step": step,
+                    "R": len(so3_grid(step)), "max_shift": shift, "snr": 0.05},
+        "iteration_seconds_cpu_n_jobs_2": times["cpu"],
+        "iteration_seconds_gpu": times["gpu"],
+        "speedup_gpu": times["cpu"] / times["gpu"],
+        "labels_equal": bool(np.array_equal(fits["cpu"].labels_, fits["gpu"].labels_)),
+        "max_reference_difference": float(
+            np.abs(fits["cpu"].references_ - fits["gpu"].references_).max()) / scale,
     }
 
 
@@ -527,6 +562,26 @@ def markdown(results: dict) -> str:
             "or a virtual machine's vCPUs), no threading can do better.",
             "",
         ]
+    g = results.get("gpu")
+    if g:
+        lines += ["## GPU (device='gpu') against the CPU (n_jobs = 2)", "", _when(g), ""]
+        if "skipped" in g:
+            lines += [f"Not measured: {g['skipped']}.", ""]
+        else:
+            lines += [
+                "The floor's setting; the faster of two iterations of each, best of three "
+                "fits taken in turn.",
+                "",
+                "| quantity | value |",
+                "|---|---|",
+                f"| iteration, CPU, n_jobs = 2 | {g['iteration_seconds_cpu_n_jobs_2']:.2f} s |",
+                f"| iteration, GPU | {g['iteration_seconds_gpu']:.2f} s |",
+                f"| speed-up | {g['speedup_gpu']:.1f} |",
+                f"| labels equal after two iterations | {g['labels_equal']} |",
+                f"| largest reference difference / largest reference value | "
+                f"{g['max_reference_difference']:.1e} |",
+                "",
+            ]
     sc = results.get("scaling")
     if sc:
         lines += [
@@ -673,7 +728,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--parts", nargs="+", default=["floor", "scaling", "memory", "modes"],
-                        choices=["floor", "scaling", "memory", "modes"])
+                        choices=["floor", "scaling", "memory", "modes", "gpu"])
     parser.add_argument("--quick", action="store_true",
                         help="small sizes: checks the script, measures nothing of interest")
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES),
@@ -694,6 +749,7 @@ def main(argv=None) -> int:
     }, "quick": args.quick}
     parts = {
         "floor": lambda: part_floor(args.quick),
+        "gpu": lambda: part_gpu(args.quick),
         "scaling": lambda: part_scaling(args.quick),
         "memory": lambda: part_memory(args.quick, args.memory_limit),
         "modes": lambda: part_modes(

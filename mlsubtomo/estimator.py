@@ -22,7 +22,7 @@ from sklearn.base import BaseEstimator, DensityMixin
 from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_is_fitted
 
-from . import kernel
+from . import gpu, kernel
 from .fft import half_grid_shape
 from .masks import ArrayMask, FullData, Mask
 from .metrics import fsc
@@ -489,6 +489,11 @@ class MissingDataMLClassifier(DensityMixin, _SubtomogramClassifier):
         interpolation, 2-4% of a rotated map. Statistics are rotated back in real
         space either way.
     fft_backend : {"pyfftw", "scipy"}, default="pyfftw"
+    device : {"cpu", "gpu"}, default="cpu"
+        Where the E-step scores the pairs and accumulates the statistics: the CPU
+        kernel (:mod:`mlsubtomo.kernel`), or a CUDA GPU through CuPy
+        (:mod:`mlsubtomo.gpu`, the ``gpu`` extra), which computes the same
+        quantities; the references are rotated on the CPU either way.
     n_jobs : int, default=None
         Orientation blocks scored at once (joblib threads, or the backend set with
         ``joblib.parallel_config``, e.g. Dask); -1 uses all cores.
@@ -580,6 +585,7 @@ class MissingDataMLClassifier(DensityMixin, _SubtomogramClassifier):
         interpolation_order=1,
         reference_rotation="real",
         fft_backend="pyfftw",
+        device="cpu",
         n_jobs=None,
         memory_budget=2.0,
         random_state=None,
@@ -617,6 +623,7 @@ class MissingDataMLClassifier(DensityMixin, _SubtomogramClassifier):
         self.interpolation_order = interpolation_order
         self.reference_rotation = reference_rotation
         self.fft_backend = fft_backend
+        self.device = device
         self.n_jobs = n_jobs
         self.memory_budget = memory_budget
         self.random_state = random_state
@@ -637,6 +644,10 @@ class MissingDataMLClassifier(DensityMixin, _SubtomogramClassifier):
                 "reference_rotation must be 'real' or 'fourier', got "
                 f"{self.reference_rotation!r}"
             )
+        if self.device not in ("cpu", "gpu"):
+            raise ValueError(f"device must be 'cpu' or 'gpu', got {self.device!r}")
+        if self.device == "gpu":
+            gpu.cuda_array_module()
         _check_integer(self, "n_impute_iter", 1)
         if self.init_sigma is not None:
             _check_real(self, "init_sigma", 0.0, low_open=True)
@@ -813,6 +824,10 @@ class MissingDataMLClassifier(DensityMixin, _SubtomogramClassifier):
         refs = kernel.to_real(self._references_hat[index], crop, self.fft_backend)
         return kernel.Model(refs, log_weights, self.sigma_)
 
+    def _e_step_function(self):
+        """The E-step of the kernel on ``device``."""
+        return gpu.e_step if self.device == "gpu" else kernel.e_step
+
     def _e_step(
         self, data, settings, rotations, current_rotations, accumulate, local=None,
         previous=None, keep_pairs=False,
@@ -846,7 +861,7 @@ class MissingDataMLClassifier(DensityMixin, _SubtomogramClassifier):
         if cropped:
             data, settings = kernel.crop_problem(data, settings, self._crop_size)
         result, stats = self._run_kernel(
-            kernel.e_step, data, self._model(), search, current_rotations, settings,
+            self._e_step_function(), data, self._model(), search, current_rotations, settings,
             local=local, candidates=candidates, accumulate=accumulate,
             keep_pairs=accumulate and keep_pairs,
         )
@@ -967,7 +982,7 @@ class MissingDataMLClassifier(DensityMixin, _SubtomogramClassifier):
         coarse = dataclasses.replace(search, rotations=search.rotations[index])
         model = self._model(box)
         result, _ = self._run_kernel(
-            kernel.e_step, data, model, coarse, None, settings, accumulate=False,
+            self._e_step_function(), data, model, coarse, None, settings, accumulate=False,
             keep_pairs=True,
         )
         # A particle's best fine orientation lies within coarse_step of a coarse one,

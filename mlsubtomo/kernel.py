@@ -60,12 +60,17 @@ __all__ = [
     "ParticleChunk",
     "SearchSpace",
     "chunk_plan",
+    "chunk_totals",
     "correlation_search",
     "crop_ball",
     "crop_index",
     "crop_problem",
     "e_step",
     "hard_statistics",
+    "kept_pairs",
+    "log_orientation_prior",
+    "pair_result",
+    "rotated_observed",
     "band_weights",
     "local_candidates",
     "logsumexp",
@@ -894,6 +899,18 @@ def _shift_sums(mask_arrays, shifts, backend, method, period=None):
     return _FourierShifts(box_size, shifts, backend), _Lines(mask_arrays, every=True)
 
 
+def log_orientation_prior(chunk: ParticleChunk, search: SearchSpace) -> np.ndarray:
+    """log pi(R) of each particle's searched orientations, (n,): the search's own, or
+    uniform over the orientations the particle searches in any class."""
+    if search.log_orientation_prior is not None:
+        return np.full(len(chunk), search.log_orientation_prior)
+    if chunk.candidates is None:
+        return np.full(len(chunk), -np.log(len(search.rotations)))
+    searched = chunk.candidates.reshape(len(chunk), -1, chunk.candidates.shape[-1])
+    with np.errstate(divide="ignore"):
+        return -np.log(searched.any(axis=1).sum(axis=1))
+
+
 class _Scorer:
     """Scores of (particle, class, orientation) pairs over the shift window.
 
@@ -925,14 +942,7 @@ class _Scorer:
         # A power of two, so that the batches of any pair list come in few sizes.
         pair_bytes = 8 * self.data[0].size
         self.batch = 1 << max(0, int(np.log2(max(1, _PAIR_BATCH_BYTES // pair_bytes))))
-        if search.log_orientation_prior is not None:
-            self.log_orientation_prior = np.full(len(chunk), search.log_orientation_prior)
-        elif chunk.candidates is None:
-            self.log_orientation_prior = np.full(len(chunk), -np.log(len(search.rotations)))
-        else:
-            searched = chunk.candidates.reshape(len(chunk), -1, chunk.candidates.shape[-1])
-            with np.errstate(divide="ignore"):
-                self.log_orientation_prior = -np.log(searched.any(axis=1).sum(axis=1))
+        self.log_orientation_prior = log_orientation_prior(chunk, search)
 
     def masked_power(self, transforms: np.ndarray) -> np.ndarray:
         """``sum_q m w_g |V|^2`` for every mask group and transform: (G, m)."""
@@ -1248,28 +1258,9 @@ def e_step(
         if progress is not None:
             progress(share)
 
-    lse = logsumexp(pair_lse.reshape(n, -1), axis=1)
-    log_likelihood = lse - chunk.n_observed * np.log(np.sqrt(2.0 * np.pi) * model.sigma)
-    class_log_posterior = logsumexp(pair_lse, axis=2) - lse[:, None]
-    best = np.argmax(pair_max.reshape(n, -1), axis=1)
-    best_class, best_rotation = np.unravel_index(best, (n_classes, n_rot))
-    rows = np.arange(n)
-    best_shift = search.shifts[pair_arg[rows, best_class, best_rotation]]
-    max_posterior = np.exp(pair_max[rows, best_class, best_rotation] - lse)
-    result = ChunkResult(
-        log_likelihood=log_likelihood,
-        class_log_posterior=class_log_posterior,
-        best_class=best_class.astype(np.int64),
-        best_rotation=best_rotation.astype(np.int64),
-        best_shift=best_shift.astype(np.int64),
-        max_posterior=max_posterior,
-        pair_log_mass=pair_lse if keep_pairs else None,
-    )
+    result = pair_result(chunk, model, search, pair_max, pair_lse, pair_arg, keep_pairs)
     if accumulate:
-        kept = _significant_pairs(pair_max, pair_lse, settings.pruning_threshold)
-        with np.errstate(divide="ignore"):
-            kept_mass = np.sum(np.where(kept, np.exp(pair_lse - lse[:, None, None]), 0.0), (1, 2))
-            log_norm = lse + np.log(kept_mass)
+        kept, log_norm = kept_pairs(pair_max, pair_lse, settings.pruning_threshold)
         stats = SufficientStatistics.zeros(n_classes, half_grid_shape(model.references.shape[-1]))
         for part in _parallel(settings.n_jobs)(
             delayed(_accumulate_block)(
@@ -1280,11 +1271,46 @@ def e_step(
             stats = stats + part
             if progress is not None:
                 progress(share)
-        stats.n_observed = float(np.sum(chunk.n_observed))
-        stats.n_particles = n
-        stats.log_likelihood = float(np.sum(log_likelihood))
-        result.statistics = stats
+        result.statistics = chunk_totals(stats, chunk, result)
     return result
+
+
+def pair_result(chunk, model, search, pair_max, pair_lse, pair_arg, keep_pairs=False):
+    """The :class:`ChunkResult` (statistics left out) of a chunk's per-pair maxima,
+    log-sums over shifts and best shifts, (n, K, R) each."""
+    n, n_classes, n_rot = pair_max.shape
+    lse = logsumexp(pair_lse.reshape(n, -1), axis=1)
+    best = np.argmax(pair_max.reshape(n, -1), axis=1)
+    best_class, best_rotation = np.unravel_index(best, (n_classes, n_rot))
+    rows = np.arange(n)
+    return ChunkResult(
+        log_likelihood=lse - chunk.n_observed * np.log(np.sqrt(2.0 * np.pi) * model.sigma),
+        class_log_posterior=logsumexp(pair_lse, axis=2) - lse[:, None],
+        best_class=best_class.astype(np.int64),
+        best_rotation=best_rotation.astype(np.int64),
+        best_shift=search.shifts[pair_arg[rows, best_class, best_rotation]].astype(np.int64),
+        max_posterior=np.exp(pair_max[rows, best_class, best_rotation] - lse),
+        pair_log_mass=pair_lse if keep_pairs else None,
+    )
+
+
+def kept_pairs(pair_max, pair_lse, threshold):
+    """The pairs that enter the statistics (n, K, R) and the log of each particle's
+    posterior mass over them (n,), by which their posteriors are normalised."""
+    n = len(pair_max)
+    lse = logsumexp(pair_lse.reshape(n, -1), axis=1)
+    kept = _significant_pairs(pair_max, pair_lse, threshold)
+    with np.errstate(divide="ignore"):
+        kept_mass = np.sum(np.where(kept, np.exp(pair_lse - lse[:, None, None]), 0.0), (1, 2))
+        return kept, lse + np.log(kept_mass)
+
+
+def chunk_totals(stats, chunk, result):
+    """``stats`` with the chunk's particle count, observed components and log-likelihood."""
+    stats.n_observed = float(np.sum(chunk.n_observed))
+    stats.n_particles = len(chunk)
+    stats.log_likelihood = float(np.sum(result.log_likelihood))
+    return stats
 
 
 @_with_blas_threads
@@ -1422,12 +1448,9 @@ def _rotate_back(stats, sums, mass, rotations, scorer):
     inverses = np.swapaxes(rotations[used], 1, 2)
     # The observed sets of a whole block in one call per mask group: alone, a rotated
     # mask cost about three times as much (1 ms at D = 32).
-    observed = {
-        g: settings.masks[g].observed(
-            d, rotation=inverses, max_resolution=settings.max_resolution
-        )
-        for g in np.flatnonzero(np.any(mass[:, :, used] > 0, axis=(1, 2)))
-    }
+    observed = rotated_observed(
+        settings, d, inverses, np.flatnonzero(np.any(mass[:, :, used] > 0, axis=(1, 2)))
+    )
     for j, r in enumerate(used):
         classes = np.flatnonzero(np.any(mass[:, :, r] > 0, axis=0))
         counts = np.stack([
@@ -1438,6 +1461,17 @@ def _rotate_back(stats, sums, mass, rotations, scorer):
         _add_in_reference_frame(
             stats, classes, particle_frame, counts, inverses[j], settings, scorer.backend
         )
+
+
+def rotated_observed(settings, box_size, inverses, groups):
+    """{g: (b, D, D, D//2+1) bool}: the observed sets of the mask groups ``groups``
+    turned by each of ``inverses`` (b, 3, 3), band included."""
+    return {
+        g: settings.masks[g].observed(
+            box_size, rotation=inverses, max_resolution=settings.max_resolution
+        )
+        for g in groups
+    }
 
 
 def _add_in_reference_frame(stats, classes, particle_frame_sums, counts, inverse, settings,

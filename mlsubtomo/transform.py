@@ -17,6 +17,7 @@ from scipy import ndimage
 from scipy.spatial.transform import Rotation
 
 __all__ = [
+    "affine_parameters",
     "centre_for_fft",
     "euler_from_matrix",
     "matrix_from_euler",
@@ -105,26 +106,36 @@ def rotate_centred(volumes: np.ndarray, matrix: np.ndarray, order: int = 1) -> n
     volumes = np.asarray(volumes)
     d = volumes.shape[-1]
     outside = outside_value(volumes, centred=True)
-    # The voxel at index j (signed, j = 0 the centre) takes the value at M j, where
-    # M is R^T with the axes reversed to (z, y, x).
-    m = np.asarray(matrix, dtype=np.float64).T[::-1, ::-1]
-    nearest = np.rint(m)
-    m = np.ascontiguousarray(np.where(np.abs(m - nearest) < _SNAP, nearest, m))
+    m, offset = affine_parameters(matrix, d)
     if order == 1:
         flat = np.ascontiguousarray(volumes).reshape(-1, d, d, d)
         out = np.empty_like(flat)
         _trilinear_centred(flat, m, outside.reshape(-1), out)
         return out.reshape(volumes.shape)
     # Higher orders need the spline prefilter: scipy's, about the box centre.
-    c = float(d // 2)
     out = np.empty_like(volumes)
     for index in np.ndindex(volumes.shape[:-3]):
         out[index] = centre_for_fft(ndimage.affine_transform(
-            uncentre_from_fft(volumes[index]), m, offset=c - m.sum(axis=1) * c,
+            uncentre_from_fft(volumes[index]), m, offset=offset,
             order=order, mode="grid-constant", cval=float(outside[index]),
             prefilter=True,
         ))
     return out
+
+
+def affine_parameters(matrix: np.ndarray, box_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``matrix`` and ``offset`` of ``scipy.ndimage.affine_transform`` (or CuPy's)
+    that rotate an uncentred ``[z, y, x]`` volume of ``box_size`` by R about its centre.
+
+    Entries within ``_SNAP`` of an integer are snapped onto it.
+    """
+    # The voxel at index j (signed, j = 0 the centre) takes the value at M j, where
+    # M is R^T with the axes reversed to (z, y, x).
+    m = np.asarray(matrix, dtype=np.float64).T[::-1, ::-1]
+    nearest = np.rint(m)
+    m = np.ascontiguousarray(np.where(np.abs(m - nearest) < _SNAP, nearest, m))
+    c = float(box_size // 2)
+    return m, c - m.sum(axis=1) * c
 
 
 def outside_value(volumes: np.ndarray, centred: bool = False) -> np.ndarray:
