@@ -289,7 +289,8 @@ class _SubtomogramClassifier(BaseEstimator):
 
     # Hyper-parameters that may change between an interrupted run and its resumption.
     _RESUMABLE = (
-        "max_iter", "tol", "n_jobs", "memory_budget", "verbose", "checkpoint_path", "resume"
+        "max_iter", "tol", "n_jobs", "device", "memory_budget", "verbose", "checkpoint_path",
+        "resume",
     )
 
     @staticmethod

@@ -116,10 +116,12 @@ def test_fourier_crop_matches(xp):
     _assert_same(got, expected)
 
 
+_PARAMS = dict(angular_step=90, max_iter=3, tol=0, random_state=0, max_shift=1)
+
+
 def _fit(device, data):
-    params = dict(angular_step=90, max_iter=3, random_state=0, max_shift=1)
-    return MissingDataMLClassifier(2, device=device, **params).fit(data.volumes,
-                                                                   masks=data.masks)
+    return MissingDataMLClassifier(2, device=device, **_PARAMS).fit(data.volumes,
+                                                                    masks=data.masks)
 
 
 @pytest.fixture(scope="module")
@@ -134,6 +136,21 @@ def test_estimator_on_the_gpu_path_fits_as_on_the_cpu(small_data, monkeypatch):
     # The GPU path of the estimator, run with NumPy where no device is present.
     monkeypatch.setattr(gpu, "cuda_array_module", lambda: np)
     _assert_same_fit(_fit("gpu", small_data), cpu)
+
+
+def test_a_cpu_run_resumes_on_the_gpu(small_data, monkeypatch, tmp_path):
+    # Where the E-step runs is not a hyper-parameter of the model: a run interrupted
+    # on a CPU node may go on on a GPU node.
+    path = tmp_path / "run.ckpt"
+    full = _fit("cpu", small_data)
+    MissingDataMLClassifier(2, device="cpu", checkpoint_path=path,
+                            **dict(_PARAMS, max_iter=2)).fit(small_data.volumes,
+                                                             masks=small_data.masks)
+    monkeypatch.setattr(gpu, "cuda_array_module", lambda: np)
+    resumed = MissingDataMLClassifier(2, device="gpu", checkpoint_path=path, resume=True,
+                                      **_PARAMS).fit(small_data.volumes, masks=small_data.masks)
+    assert resumed.n_iter_ == full.n_iter_
+    _assert_same_fit(resumed, full)
 
 
 def test_estimator_on_a_cuda_device_fits_as_on_the_cpu(small_data):
