@@ -37,6 +37,9 @@ __all__ = ["cuda_array_module", "e_step"]
 # Bytes of device memory the temporaries of one batch of pairs may take: the products
 # (complex64, Q per pair) and the scores over shifts (three float64 arrays, T per pair).
 _BATCH_BYTES = 1 << 29
+# Bytes of device memory the rotated references of the first pass may keep for the
+# second, rather than being rotated (on the CPU) and copied again.
+_KEPT_BYTES = 1 << 31
 
 
 def cuda_array_module():
@@ -110,18 +113,31 @@ class _DeviceProblem:
             np.exp(2j * np.pi * (q @ np.asarray(search.shifts, dtype=np.float64).T) / period),
             dtype=xp.complex64,
         )
+        self.kept, self.room = {}, _KEPT_BYTES
         n_pair_bytes = 8 * len(self.where) + 24 * len(search.shifts)
         self.batch = max(1, _BATCH_BYTES // (n_pair_bytes * self.n_classes
                                              * settings.orientation_block))
 
     def transforms(self, block, transforms):
         """The compact rotated references (K, b, Q) of an orientation block; zero for
-        the pairs nobody searches, which are not rotated."""
+        the pairs nobody searches, which are not rotated. The first pass's are kept
+        for the second while they fit in ``_KEPT_BYTES``."""
+        key = int(block[0])
+        if key in self.kept:
+            return self.kept[key]
         xp, k, b = self.xp, self.n_classes, len(block)
         needed = kernel._searched_pairs(kernel._block_candidates(self, block, k), self.allowed, b)
         out = xp.zeros((k * b, len(self.where)), dtype=xp.complex64)
-        if not needed.any():
-            return out.reshape(k, b, -1), needed
+        if needed.any():
+            self._fill(out, block, needed, transforms)
+        out = out.reshape(k, b, -1)
+        if out.nbytes <= self.room:
+            self.kept[key] = out
+            self.room -= out.nbytes
+        return out
+
+    def _fill(self, out, block, needed, transforms):
+        xp = self.xp
         if transforms is not None:
             mine = transforms[:, block][needed]
         else:
@@ -131,7 +147,6 @@ class _DeviceProblem:
         out[xp.asarray(np.flatnonzero(needed))] = xp.asarray(
             mine.reshape(len(mine), -1)[:, self.where]
         )
-        return out.reshape(k, b, -1), needed
 
     def __len__(self):
         return len(self.group)
@@ -210,7 +225,7 @@ def e_step(
     share = 0.5 / len(blocks) if accumulate else 1.0 / len(blocks)
     batches = [slice(s, min(s + problem.batch, n)) for s in range(0, n, problem.batch)]
     for block in blocks:
-        rotated, _ = problem.transforms(block, transforms)
+        rotated = problem.transforms(block, transforms)
         for p in batches:
             scores, _ = problem.scores(p, block, rotated)
             top, arg, lse = (_host(a) for a in _pair_summaries(xp, scores))
@@ -242,7 +257,7 @@ def _statistics(problem, blocks, batches, kept, log_norm, transforms, progress, 
             if progress is not None:
                 progress(share)
             continue
-        rotated, _ = problem.transforms(block, transforms)
+        rotated = problem.transforms(block, transforms)
         sums = xp.zeros((n_classes, len(block), len(problem.where)), dtype=xp.complex128)
         mass = xp.zeros((len(settings.mask_arrays), n_classes, len(block)), dtype=xp.float64)
         for p in batches:
@@ -273,32 +288,44 @@ def _statistics(problem, blocks, batches, kept, log_norm, transforms, progress, 
 
 def _rotate_back(problem, data_sums, counts_sums, sums, mass, rotations):
     """Add a block's particle-frame sums (K, b, Q) to B_k, and the mass-weighted
-    observed sets to W_k, in the reference frame."""
+    observed sets to W_k, in the reference frame.
+
+    The pairs with posterior mass go through the transforms as one stack; only the
+    interpolation is called volume by volume (it takes one 3D array at a time).
+    """
     xp, d, settings = problem.xp, problem.d, problem.settings
     ndimage = _ndimage(xp)
     order = settings.interpolation_order
-    used = np.flatnonzero(np.any(mass > 0, axis=(0, 1)))
+    classes, local = np.nonzero(np.any(mass > 0, axis=0))
+    if len(local) == 0:
+        return
+    used, slot = np.unique(local, return_inverse=True)
     inverses = np.swapaxes(rotations[used], 1, 2)
-    groups = np.flatnonzero(np.any(mass[:, :, used] > 0, axis=(1, 2)))
+    groups = np.flatnonzero(np.any(mass[:, classes, local] > 0, axis=1))
     observed = kernel.rotated_observed(settings, d, inverses, groups)
-    boundary = xp.asarray(_boundary_index(d, False))
     half = half_grid_shape(d)
-    where = xp.asarray(problem.where)
-    for j, r in enumerate(used):
-        matrix, offset = affine_parameters(inverses[j], d)
-        for k in np.flatnonzero(np.any(mass[:, :, r] > 0, axis=0)):
-            counts = sum(mass[g, k, r] * xp.asarray(observed[g][j]) for g in groups
-                         if mass[g, k, r] > 0)
-            grid = xp.zeros(int(np.prod(half)), dtype=xp.complex128)
-            grid[where] = sums[k, r]
-            volume = xp.fft.irfftn(grid.reshape(half), s=(d, d, d), axes=(0, 1, 2), norm="ortho")
-            volume = xp.roll(volume, (d // 2,) * 3, axis=(0, 1, 2))
-            back = ndimage.affine_transform(
-                volume, xp.asarray(matrix), offset=tuple(offset), order=order,
-                mode="grid-constant", cval=float(volume.reshape(-1)[boundary].mean()),
-                prefilter=order > 1,
-            )
-            back = xp.roll(back, (-(d // 2),) * 3, axis=(0, 1, 2))
-            # Interpolation leaks a little signal outside the rotated observed sets.
-            data_sums[k] += xp.fft.rfftn(back, axes=(0, 1, 2), norm="ortho") * (counts > 0)
-            counts_sums[k] += counts
+    m = len(classes)
+    grid = xp.zeros((m, int(np.prod(half))), dtype=xp.complex128)
+    grid[:, xp.asarray(problem.where)] = sums[xp.asarray(classes), xp.asarray(local)]
+    axes = (1, 2, 3)
+    volumes = xp.fft.irfftn(grid.reshape(m, *half), s=(d, d, d), axes=axes, norm="ortho")
+    volumes = xp.roll(volumes, (d // 2,) * 3, axis=axes)
+    outside = _host(volumes.reshape(m, -1)[:, xp.asarray(_boundary_index(d, False))].mean(1))
+    back = xp.empty_like(volumes)
+    for i in range(m):
+        matrix, offset = affine_parameters(inverses[slot[i]], d)
+        ndimage.affine_transform(
+            volumes[i], xp.asarray(matrix), offset=tuple(offset), output=back[i], order=order,
+            mode="grid-constant", cval=float(outside[i]), prefilter=order > 1,
+        )
+    back = xp.fft.rfftn(xp.roll(back, (-(d // 2),) * 3, axis=axes), axes=axes, norm="ortho")
+    counts = xp.zeros((m, *half), dtype=xp.float64)
+    for g in groups:
+        counts += xp.asarray(mass[g, classes, local])[:, None, None, None] * xp.asarray(
+            observed[g][slot])
+    # Interpolation leaks a little signal outside the rotated observed sets.
+    back *= counts > 0
+    for k in np.unique(classes):
+        mine = xp.asarray(np.flatnonzero(classes == k))
+        data_sums[k] += back[mine].sum(axis=0)
+        counts_sums[k] += counts[mine].sum(axis=0)

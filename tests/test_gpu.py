@@ -57,7 +57,7 @@ def test_gpu_e_step_matches_the_kernel(problem, xp, changes):  # noqa: F811
     _assert_same(got, expected)
 
 
-def test_given_transforms_and_small_batches_change_nothing(problem, xp, monkeypatch):  # noqa: F811
+def test_batches_and_kept_transforms_change_nothing(problem, xp, monkeypatch):  # noqa: F811
     chunk, model, search, settings, reference = problem
     transforms = kernel.rotated_transforms(model.references, search.rotations, settings)
     # Room for about three particles per batch: the chunk of ten takes four.
@@ -66,6 +66,9 @@ def test_given_transforms_and_small_batches_change_nothing(problem, xp, monkeypa
     monkeypatch.setattr(gpu, "_BATCH_BYTES", 3 * per_particle)
     got = gpu.e_step(chunk, model, search, settings, transforms=transforms, array_module=xp)
     _assert_same(got, reference)
+    # The second pass rotating the references again, with none kept from the first.
+    monkeypatch.setattr(gpu, "_KEPT_BYTES", 0)
+    _assert_same(gpu.e_step(chunk, model, search, settings, array_module=xp), reference)
 
 
 @pytest.mark.parametrize("per_class", [False, True], ids=["candidates", "class-candidates"])
