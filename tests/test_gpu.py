@@ -61,8 +61,8 @@ def test_batches_and_kept_transforms_change_nothing(problem, xp, monkeypatch):  
     chunk, model, search, settings, reference = problem
     transforms = kernel.rotated_transforms(model.references, search.rotations, settings)
     # Room for about three particles per batch: the chunk of ten takes four.
-    per_particle = (8 * np.count_nonzero(settings.mask_arrays.any(axis=0))
-                    + 24 * len(search.shifts)) * 2 * settings.orientation_block
+    per_particle = (24 * np.count_nonzero(settings.mask_arrays.any(axis=0))
+                    + 96 * len(search.shifts)) * 2 * settings.orientation_block
     monkeypatch.setattr(gpu, "_BATCH_BYTES", 3 * per_particle)
     got = gpu.e_step(chunk, model, search, settings, transforms=transforms, array_module=xp)
     _assert_same(got, reference)
