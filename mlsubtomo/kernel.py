@@ -1149,8 +1149,8 @@ def _block_pairs(scorer, transforms, block, allowed):
 def _batches(n: int, size: int):
     """Slices covering range(n): full batches of ``size``, then powers of two.
 
-    Each distinct batch size costs one FFTW plan (made with FFTW_MEASURE), so the
-    remainder is split into at most log2(size) pieces of power-of-two sizes.
+    Each distinct batch size costs one FFTW plan, so the remainder is split into at
+    most log2(size) pieces of power-of-two sizes.
     """
     start = 0
     while start < n:
