@@ -177,11 +177,17 @@ def _side_by_side(volumes, k, step, shift) -> float:
     return max(seconds)
 
 
-def part_floor(quick: bool) -> dict:
+def _floor_problem(quick: bool):
+    """N, K, D, angular step, largest shift and the particles of the floor's setting."""
     n, k, d, step, shift = (40, 2, 16, 30.0, 1) if quick else (200, 2, 32, 15.0, 3)
-    rotations = len(so3_grid(step))
     data = make_dataset(_phantoms(d, k), n, masks=WEDGE, snr=0.05, max_shift=shift,
                         random_state=0)
+    return n, k, d, step, shift, data
+
+
+def part_floor(quick: bool) -> dict:
+    n, k, d, step, shift, data = _floor_problem(quick)
+    rotations = len(so3_grid(step))
     t_fft = best_inverse_fft(d)
     floor = n * k * rotations * t_fft
     for jobs in (1, 2):
@@ -219,9 +225,7 @@ def part_gpu(quick: bool) -> dict:
         gpu.cuda_array_module()
     except (ImportError, RuntimeError) as error:
         return {"skipped": str(error)}
-    n, k, d, step, shift = (40, 2, 16, 30.0, 1) if quick else (200, 2, 32, 15.0, 3)
-    data = make_dataset(_phantoms(d, k), n, masks=WEDGE, snr=0.05, max_shift=shift,
-                        random_state=0)
+    n, k, d, step, shift, data = _floor_problem(quick)
     fits, times = {}, {"cpu": np.inf, "gpu": np.inf}
     for _ in range(1 if quick else 3):
         for device in ("cpu", "gpu"):

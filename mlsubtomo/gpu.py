@@ -103,8 +103,7 @@ class _DeviceProblem:
             chunk, search
         )[:, None]
         self.offset = xp.asarray(offset, dtype=xp.float64)
-        # Read, with len(), by the CPU kernel's helpers that select the searched pairs.
-        self.candidates = chunk.candidates
+        self.chunk = chunk
         self.allowed = np.isfinite(model.log_class_weights)
         self.log_shift_prior = xp.asarray(search.log_shift_prior, dtype=xp.float64)
         self.shift_sq = xp.asarray(np.sum(search.shifts.astype(np.float64) ** 2, axis=1))
@@ -121,23 +120,28 @@ class _DeviceProblem:
         self.batch = max(1, _BATCH_BYTES // (n_pair_bytes * self.n_classes
                                              * settings.orientation_block))
 
-    def transforms(self, block, transforms):
-        """The compact rotated references (K, b, Q) of an orientation block; zero for
-        the pairs nobody searches, which are not rotated. The first pass's are kept
-        for the second while they fit in ``_KEPT_BYTES``."""
+    def block_terms(self, block, transforms):
+        """What the scores of an orientation block need of its rotated references:
+        their compact conjugates times the Hermitian multiplicity (K b, Q) and their
+        masked power per mask group (G, K b). The pairs nobody searches are not
+        rotated (zero). The first pass's are kept for the second while they fit in
+        ``_KEPT_BYTES``."""
         key = int(block[0])
         if key in self.kept:
             return self.kept[key]
         xp, k, b = self.xp, self.n_classes, len(block)
-        needed = kernel._searched_pairs(kernel._block_candidates(self, block, k), self.allowed, b)
-        out = xp.zeros((k * b, len(self.where)), dtype=xp.complex64)
+        candidates = kernel._block_candidates(self.chunk, block, k)
+        needed = kernel._searched_pairs(candidates, self.allowed, b)
+        rotated = xp.zeros((k * b, len(self.where)), dtype=xp.complex64)
         if needed.any():
-            self._fill(out, block, needed, transforms)
-        out = out.reshape(k, b, -1)
-        if out.nbytes <= self.room:
-            self.kept[key] = out
-            self.room -= out.nbytes
-        return out
+            self._fill(rotated, block, needed, transforms)
+        power = (self.weights @ (xp.abs(rotated) ** 2).T).astype(xp.float64)
+        terms = xp.conj(rotated) * self.multiplicity, power
+        size = sum(a.nbytes for a in terms)
+        if size <= self.room:
+            self.kept[key] = terms
+            self.room -= size
+        return terms
 
     def _fill(self, out, block, needed, transforms):
         xp = self.xp
@@ -151,30 +155,24 @@ class _DeviceProblem:
             mine.reshape(len(mine), -1)[:, self.where]
         )
 
-    def __len__(self):
-        return len(self.group)
-
-    def scores(self, particles, block, rotated):
+    def scores(self, particles, block, terms):
         """Scores (m, K, b, T) of the particles ``particles`` (a slice) against the
-        block's compact references, -inf where not searched, and the residual norms
+        block's :meth:`block_terms`, -inf where not searched, and the residual norms
         ``||X - S_t R A||^2`` behind them."""
         xp = self.xp
-        k, b, n_q = rotated.shape
+        conj, power = terms
+        k, b = self.n_classes, len(block)
         data = self.data[particles]
-        power = self.weights @ (xp.abs(rotated.reshape(k * b, n_q)) ** 2).T
-        conj = xp.conj(rotated.reshape(k * b, n_q)) * self.multiplicity
         products = data[:, None, :] * conj[None]
-        cross = (products.reshape(-1, n_q) @ self.phases).real.astype(xp.float64)
+        cross = (products.reshape(-1, conj.shape[1]) @ self.phases).real.astype(xp.float64)
         cross = cross.reshape(len(data), k, b, -1)
         group = self.group[particles]
-        base = self.power[particles, None, None] + power.astype(xp.float64)[group].reshape(
-            len(data), k, b
-        )
+        base = self.power[particles, None, None] + power[group].reshape(len(data), k, b)
         residual = base[..., None] - 2.0 * cross
         scores = (self.offset[particles, :, None, None] + self.log_shift_prior
                   - residual * self.inv_two_var)
         searched = xp.asarray(self.allowed)[None, :, None]
-        candidates = kernel._block_candidates(self, block, k)
+        candidates = kernel._block_candidates(self.chunk, block, k)
         if candidates is not None:
             searched = searched & xp.asarray(np.ascontiguousarray(candidates[particles]))
         return xp.where(searched[..., None], scores, -xp.inf), residual
@@ -182,14 +180,7 @@ class _DeviceProblem:
 
 def _pair_summaries(xp, scores):
     """Per-pair maximum over shifts, its first shift and the log-sum, (m, K, b) each."""
-    top = scores.max(axis=-1)
-    arg = scores.argmax(axis=-1)
-    finite = xp.isfinite(top)
-    safe = xp.where(finite, top, 0.0)
-    total = xp.exp(scores - safe[..., None]).sum(axis=-1)
-    with np.errstate(divide="ignore"):
-        lse = xp.where(finite, safe + xp.log(xp.where(finite, total, 1.0)), -xp.inf)
-    return top, arg, lse
+    return scores.max(axis=-1), scores.argmax(axis=-1), kernel.logsumexp(scores, -1, xp)
 
 
 def e_step(
@@ -228,9 +219,9 @@ def e_step(
     share = 0.5 / len(blocks) if accumulate else 1.0 / len(blocks)
     batches = [slice(s, min(s + problem.batch, n)) for s in range(0, n, problem.batch)]
     for block in blocks:
-        rotated = problem.transforms(block, transforms)
+        terms = problem.block_terms(block, transforms)
         for p in batches:
-            scores, _ = problem.scores(p, block, rotated)
+            scores, _ = problem.scores(p, block, terms)
             top, arg, lse = (_host(a) for a in _pair_summaries(xp, scores))
             pair_max[p, :, block], pair_arg[p, :, block], pair_lse[p, :, block] = top, arg, lse
         if progress is not None:
@@ -260,11 +251,11 @@ def _statistics(problem, blocks, batches, kept, log_norm, transforms, progress, 
             if progress is not None:
                 progress(share)
             continue
-        rotated = problem.transforms(block, transforms)
+        terms = problem.block_terms(block, transforms)
         sums = xp.zeros((n_classes, len(block), len(problem.where)), dtype=xp.complex128)
         mass = xp.zeros((len(settings.mask_arrays), n_classes, len(block)), dtype=xp.float64)
         for p in batches:
-            scores, residual = problem.scores(p, block, rotated)
+            scores, residual = problem.scores(p, block, terms)
             gamma = xp.where(
                 xp.asarray(mine[p])[..., None],
                 xp.exp(scores - log_norm[p, None, None, None]), 0.0,

@@ -278,14 +278,17 @@ class ChunkResult:
         return ChunkResult(**{name: getattr(self, name)[index] for name in self._fields()})
 
 
-def logsumexp(a: np.ndarray, axis) -> np.ndarray:
-    """log(sum(exp(a))) along ``axis``; -inf where every entry is -inf, without warnings."""
-    top = np.max(a, axis=axis, keepdims=True)
-    finite_top = np.where(np.isfinite(top), top, 0.0)
+def logsumexp(a: np.ndarray, axis, xp=np) -> np.ndarray:
+    """log(sum(exp(a))) along ``axis``; -inf where every entry is -inf, without warnings.
+
+    ``xp``: the array module of ``a`` (NumPy, or CuPy for :mod:`mlsubtomo.gpu`).
+    """
+    top = xp.max(a, axis=axis, keepdims=True)
+    finite_top = xp.where(xp.isfinite(top), top, 0.0)
     with np.errstate(divide="ignore"):
-        out = np.log(np.sum(np.exp(a - finite_top), axis=axis, keepdims=True)) + finite_top
-    out = np.where(np.isneginf(top), -np.inf, out)
-    return np.squeeze(out, axis=axis)
+        out = xp.log(xp.sum(xp.exp(a - finite_top), axis=axis, keepdims=True)) + finite_top
+    out = xp.where(top == -xp.inf, -xp.inf, out)
+    return xp.squeeze(out, axis=axis)
 
 
 def shift_window(max_shift: int, xi: float) -> tuple[np.ndarray, np.ndarray]:
