@@ -73,6 +73,30 @@ def test_e_step_variants_agree(problem, changes):
     _assert_same(result, reference)
 
 
+
+def test_kept_scores_of_a_sparse_second_pass_equal_recomputed_ones(problem, monkeypatch):
+    """The first pass keeps only the scores that its running best per particle leaves
+    in play; where the threshold prunes (here it keeps 10 of each particle's 24 pairs,
+    1.4 of them within a nat of its best), those must still be every score the second
+    pass reads."""
+    chunk, model, search, settings, _ = problem
+    pruned = dataclasses.replace(settings, pruning_threshold=1e-3)
+    kept_rows = []
+    score_block = kernel._score_block
+
+    def counting(*args):
+        out = score_block(*args)
+        kept_rows.append(len(out.relative))
+        return out
+
+    monkeypatch.setattr(kernel, "_score_block", counting)
+    kept = kernel.e_step(chunk, model, search, dataclasses.replace(pruned, keep_scores=True))
+    monkeypatch.undo()
+    _assert_same(kept, kernel.e_step(chunk, model, search, pruned))
+    n_pairs = N * 2 * len(search.rotations)
+    assert 0 < sum(kept_rows) < n_pairs
+
+
 def test_window_cross_terms_equal_fft_ones():
     rng = np.random.default_rng(0)
     backend = kernel.FFTBackend()
