@@ -980,14 +980,20 @@ class _Scorer:
         if candidates is None:
             candidates = np.ones((len(self.chunk), len(conj_transforms)), dtype=bool)
         particles, local = np.nonzero(candidates)
+        # One buffer for all batches: a fresh one of megabytes per batch had been a
+        # page-faulting allocation under the GIL.
+        products = np.empty((min(self.batch, len(particles)), *self.data.shape[1:]),
+                            dtype=np.complex64)
         for batch in _batches(len(particles), self.batch):
             p, r = particles[batch], local[batch]
-            yield p, r, self.gathered_cross(p, r, conj_transforms)
+            yield p, r, self.gathered_cross(p, r, conj_transforms, products[: len(p)])
 
-    def gathered_cross(self, particles, local, conj_transforms):
-        """Cross terms of the pairs (particles[j], conj_transforms[local[j]])."""
+    def gathered_cross(self, particles, local, conj_transforms, products=None):
+        """Cross terms of the pairs (particles[j], conj_transforms[local[j]]);
+        ``products``, if given, is the (m, ...) scratch space of their products."""
         data = self.data
-        products = np.empty((len(particles), *data.shape[1:]), dtype=np.complex64)
+        if products is None:
+            products = np.empty((len(particles), *data.shape[1:]), dtype=np.complex64)
         _gathered_products(
             data.reshape(len(data), -1), conj_transforms.reshape(len(conj_transforms), -1),
             particles, local, products.reshape(len(particles), -1),
@@ -1009,12 +1015,10 @@ class _Scorer:
         """Best score over shifts of each pair, its shift and the log-sum over shifts;
         the scores less their pair's best go to ``relative`` (m, T)."""
         top, arg = _shift_scores(
-            cross, self.chunk.power[particles] + power, self._offset(k, particles),
-            self.log_shift_prior,
-            self.inv_two_var, relative,
+            cross, self.chunk.power, power, particles, self.model.log_class_weights[k],
+            self.log_orientation_prior, self.log_shift_prior, self.inv_two_var, relative,
         )
-        lse = top + np.log(np.sum(np.exp(relative), axis=1))
-        return top, arg, lse
+        return top, arg, _plus_log_row_sums(top, np.exp(relative))
 
     def posterior_terms(self, k, particles, relative, top, log_norm):
         """Posteriors ``gamma`` (m, T) of the pairs whose scores are ``relative`` + ``top``
@@ -1038,16 +1042,22 @@ class _Scorer:
 # passes over the (pairs, shifts) arrays had cost as much as the shift sums at D = 16.
 # The exponentials stay with numpy, whose vectorised exp is about 9 times faster.
 @numba.njit(cache=True, nogil=True)
-def _shift_scores(cross, base, offset, log_shift_prior, inv_two_var, relative):  # pragma: no cover
-    """``relative[j, t]``: the score ``offset[j] + log_shift_prior[t] - (base[j] - 2
-    cross[j, t]) inv_two_var`` less the pair's best; returns the best and its first shift."""
+def _shift_scores(cross, particle_power, power, particles, log_class_weight,  # pragma: no cover
+                  log_orientation_prior, log_shift_prior, inv_two_var, relative):
+    """``relative[j, t]``: the score ``offset + log_shift_prior[t] - (base - 2
+    cross[j, t]) inv_two_var`` less the pair's best, where pair j of particle
+    ``i = particles[j]`` has ``base = particle_power[i] + power[j]`` and ``offset =
+    log_class_weight + log_orientation_prior[i]``; returns the best and its first shift."""
     m, n_shifts = cross.shape
     top = np.empty(m)
     arg = np.zeros(m, dtype=np.int32)
     for j in range(m):
+        i = particles[j]
+        base = particle_power[i] + power[j]
+        offset = log_class_weight + log_orientation_prior[i]
         best = -np.inf
         for t in range(n_shifts):
-            s = offset[j] + log_shift_prior[t] - (base[j] - 2.0 * cross[j, t]) * inv_two_var
+            s = offset + log_shift_prior[t] - (base - 2.0 * cross[j, t]) * inv_two_var
             relative[j, t] = s
             if s > best:
                 best, arg[j] = s, t
@@ -1056,6 +1066,19 @@ def _shift_scores(cross, base, offset, log_shift_prior, inv_two_var, relative): 
             for t in range(n_shifts):
                 relative[j, t] -= best
     return top, arg
+
+
+@numba.njit(cache=True, nogil=True)
+def _plus_log_row_sums(top, values):  # pragma: no cover - compiled
+    """``top + log(values.sum(axis=1))``: numpy's small row sums hold the GIL, and ran
+    slower on two threads than on one."""
+    out = np.empty(len(top))
+    for j in range(len(top)):
+        total = 0.0
+        for t in range(values.shape[1]):
+            total += values[j, t]
+        out[j] = top[j] + np.log(total)
+    return out
 
 
 @numba.njit(cache=True, nogil=True)
@@ -1216,20 +1239,19 @@ def _score_block(scorer, block, transforms, keep_scores=False):
     # the blocks done, shared by the threads) does not already rule out of the second
     # pass, its best over all blocks being no lower: keeping them all had cost 1.7 GB
     # of fresh pages per iteration at N = 200, D = 32, 15 degrees.
-    best = scorer.best_so_far
+    cut = _log_cut(settings.pruning_threshold) if keep_scores else np.inf
     rows, where = [], []
     allowed = np.isfinite(model.log_class_weights)
     for k, p, r, cross, power in _block_pairs(scorer, transforms, block, allowed):
         relative = np.empty(cross.shape)
-        top, out.pair_arg[p, k, r], out.pair_lse[p, k, r] = scorer.pair_scores(
-            k, p, cross, power, relative
+        top, arg, lse = scorer.pair_scores(k, p, cross, power, relative)
+        kept, flat = _record_pairs(
+            k, p, r, top, arg, lse, out.pair_max, out.pair_arg, out.pair_lse,
+            scorer.best_so_far, cut,
         )
-        out.pair_max[p, k, r] = top
-        if keep_scores:
-            np.maximum.at(best, p, top)
-            keep = ~_ruled_out(top, best[p], settings.pruning_threshold)
-            rows.append(relative[keep].astype(np.float32))
-            where.append(np.ravel_multi_index((p[keep], k, r[keep]), (n, n_classes, b)))
+        if len(kept):
+            rows.append(relative[kept].astype(np.float32))
+            where.append(flat)
     if keep_scores:
         where = np.concatenate(where) if where else np.zeros(0, dtype=np.int64)
         out.relative = (
@@ -1240,15 +1262,36 @@ def _score_block(scorer, block, transforms, keep_scores=False):
     return out
 
 
-def _ruled_out(pair_max, best, threshold):
-    """Whether :func:`_significant_pairs` leaves out pairs whose best score over shifts
-    is ``pair_max``, given a lower bound ``best`` of their particle's best pair.
+def _log_cut(threshold):
+    """How far above its particle's best score a pair's best must lie for
+    :func:`_significant_pairs` to keep it (a negative number of nats).
 
     At threshold 0 a pair is left out where its posterior underflows next to the best,
     ``exp(pair_max - best) == 0``: from about 745.1 nats below it.
     """
-    with np.errstate(divide="ignore"):
-        return pair_max < best + (np.log(threshold) if threshold > 0 else -746.0)
+    return np.log(threshold) if threshold > 0 else -746.0
+
+
+@numba.njit(cache=True, nogil=True)
+def _record_pairs(k, particles, local, top, arg, lse, pair_max, pair_arg, pair_lse, best,
+                  cut):  # pragma: no cover - compiled
+    """Store a batch's per-pair results at ``[particles, k, local]``, raise the
+    particles' ``best`` to them, and return the positions in the batch of the pairs
+    not ruled out, ``top >= best + cut``, with their flat indices into ``pair_max``.
+
+    Compiled: as numpy's fancy-index assignments and ``maximum.at`` these had held the
+    GIL for a tenth of the first pass's time on two threads.
+    """
+    n_classes, b = pair_max.shape[1], pair_max.shape[2]
+    for j in range(len(particles)):
+        i = particles[j]
+        pair_max[i, k, local[j]] = top[j]
+        pair_arg[i, k, local[j]] = arg[j]
+        pair_lse[i, k, local[j]] = lse[j]
+        best[i] = max(best[i], top[j])
+    kept = np.flatnonzero(top >= best[particles] + cut)
+    flat = (particles[kept] * n_classes + k) * b + local[kept]
+    return kept, flat
 
 
 @_with_blas_threads
