@@ -1068,7 +1068,7 @@ class MissingDataMLClassifier(DensityMixin, _SubtomogramClassifier):
             f"sigma {self.sigma_:.4g}, xi {self.xi_:.3g}, class sizes {sizes.tolist()}, "
             f"class weights {np.round(self.class_weights_, 3).tolist()}, "
             f"class changes {changed:.3f}, mean orientation change {turned:.1f} deg, "
-            f"box {self._crop_size}, {time.perf_counter() - start:.3g} s"
+            f"box {self._crop_size}, {time.perf_counter() - start:.2f} s"
         )
         _log(message, self.verbose)
 
