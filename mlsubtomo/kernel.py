@@ -1476,7 +1476,7 @@ def _significant_pairs(pair_max, pair_lse, threshold):
     """Pairs whose best posterior over shifts is not negligible next to the particle's best."""
     best = np.max(pair_max, axis=(1, 2), keepdims=True)
     if threshold > 0:
-        return pair_max >= best + np.log(threshold)
+        return pair_max >= best + _log_cut(threshold)
     return np.isfinite(pair_lse) & (np.exp(pair_max - best) > 0)
 
 

@@ -73,7 +73,6 @@ def test_e_step_variants_agree(problem, changes):
     _assert_same(result, reference)
 
 
-
 def test_kept_scores_of_a_sparse_second_pass_equal_recomputed_ones(problem, monkeypatch):
     """The first pass keeps only the scores that its running best per particle leaves
     in play; where the threshold prunes (here it keeps 10 of each particle's 24 pairs,
