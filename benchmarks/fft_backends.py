@@ -31,6 +31,7 @@ import scipy
 import scipy.fft
 
 from mlsubtomo.fft import FFTBackend
+from mlsubtomo.io import atomic_write
 
 AXES = (-3, -2, -1)
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -193,8 +194,8 @@ def main(argv=None) -> int:
         "results": rows,
         "numpy_over_pyfftw": ratio_rows,
     }
-    (args.output / "fft_backends.json").write_text(json.dumps(record, indent=2) + "\n")
-    (args.output / "fft_backends.md").write_text(md)
+    atomic_write(args.output / "fft_backends.json", json.dumps(record, indent=2) + "\n")
+    atomic_write(args.output / "fft_backends.md", md)
     print(md)
 
     slower = [

@@ -62,7 +62,6 @@ import os
 import platform
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -79,6 +78,7 @@ from mlsubtomo import (
     MissingWedge,
     simulate,
 )
+from mlsubtomo.io import atomic_write
 from mlsubtomo.metrics import (
     class_purity,
     classified_orientation_errors,
@@ -743,21 +743,6 @@ def _mean(values):
     return float(np.mean(values)) if values else None
 
 
-def write_atomic(path: Path, text: str | bytes) -> None:
-    """Write a file through a temporary file in the same folder and ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    mode = "wb" if isinstance(text, bytes) else "w"
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, mode) as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def run_benchmark(preset: Preset, args) -> dict:
     """Run every fit of the figure, writing the JSON after each.
 
@@ -809,7 +794,7 @@ def run_benchmark(preset: Preset, args) -> dict:
             flush=True,
         )
         results["metadata"]["elapsed_seconds"] = time.perf_counter() - t0
-        write_atomic(json_path, json.dumps(results, indent=1))
+        atomic_write(json_path, json.dumps(results, indent=1))
 
     results["findings"] = findings(results)
     results["supplementary_findings"] = supplementary_findings(results)
@@ -820,7 +805,7 @@ def run_benchmark(preset: Preset, args) -> dict:
     )
     results["metadata"]["total_seconds"] = time.perf_counter() - t0
     results["metadata"].pop("elapsed_seconds", None)
-    write_atomic(json_path, json.dumps(results, indent=1))
+    atomic_write(json_path, json.dumps(results, indent=1))
     return results
 
 
@@ -1117,7 +1102,7 @@ def plot(results, path: Path) -> None:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110)
     plt.close(fig)
-    write_atomic(path, buffer.getvalue())
+    atomic_write(path, buffer.getvalue())
 
 
 def summary(results) -> str:
@@ -1323,11 +1308,11 @@ def main(argv=None) -> dict:
         results["findings"] = findings(results)
         results["supplementary_findings"] = supplementary_findings(results)
         results["timing"] = timing(results)
-        write_atomic(out / f"figure1_{preset.name}.json", json.dumps(results, indent=1))
+        atomic_write(out / f"figure1_{preset.name}.json", json.dumps(results, indent=1))
     else:
         results = run_benchmark(preset, args)
     plot(results, out / f"figure1_{preset.name}.png")
-    write_atomic(out / f"figure1_{preset.name}.md", summary(results))
+    atomic_write(out / f"figure1_{preset.name}.md", summary(results))
     total = results["metadata"]["total_seconds"]
     print(f"figure1 preset {preset.name}: done in {total:.0f} s", flush=True)
     for item in results["findings"]:

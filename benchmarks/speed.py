@@ -72,6 +72,7 @@ import numpy as np
 import pyfftw
 
 from mlsubtomo import LinearDecay, MissingDataMLClassifier, MissingWedge
+from mlsubtomo.io import atomic_write
 from mlsubtomo.kernel import chunk_plan
 from mlsubtomo.metrics import class_purity, classified_orientation_errors
 from mlsubtomo.sampling import so3_grid, symmetry_group
@@ -500,8 +501,8 @@ def write_results(results: dict, out: Path) -> None:
         merged = json.loads(path.read_text())
         merged.update(results)
         results = merged
-    path.write_text(json.dumps(results, indent=2))
-    (out / "speed.md").write_text(markdown(results))
+    atomic_write(path, json.dumps(results, indent=2))
+    atomic_write(out / "speed.md", markdown(results))
 
 
 def _previous_rows(out: Path) -> list:

@@ -7,9 +7,7 @@ import dataclasses
 import hashlib
 import logging
 import numbers
-import os
 import pickle
-import tempfile
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -24,6 +22,7 @@ from sklearn.utils.validation import check_is_fitted
 
 from . import gpu, kernel
 from .fft import half_grid_shape
+from .io import atomic_write
 from .masks import ArrayMask, FullData, Mask
 from .metrics import fsc
 from .regularization import check_schedule, pairwise_squared_distances, penalised_update
@@ -326,15 +325,12 @@ class _SubtomogramClassifier(BaseEstimator):
             "rng": rng.get_state(),
             "run": run,
         }
-        path = Path(self.checkpoint_path)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-        try:
-            with os.fdopen(fd, "wb") as f:
+
+        def write(tmp):
+            with open(tmp, "wb") as f:
                 pickle.dump(state, f, protocol=pickle.HIGHEST_PROTOCOL)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+
+        atomic_write(self.checkpoint_path, write)
 
     def _load_checkpoint(self, fingerprint, rng, run):
         path = Path(self.checkpoint_path)

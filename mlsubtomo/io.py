@@ -51,6 +51,7 @@ readable by it.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import re
@@ -74,6 +75,7 @@ __all__ = [
     "ORIGIN_COLUMNS",
     "WEDGE_COLUMNS",
     "ParticleSet",
+    "atomic_write",
     "pose_from_relion",
     "read_particles",
     "relion_from_pose",
@@ -708,7 +710,7 @@ def write_map(path, volume, voxel_size, overwrite=False, *, protect=()) -> Path:
             mrc.header.dmean = np.float32(data.mean(dtype=np.float64))
             mrc.voxel_size = vs
 
-    _atomic_write(path, write)
+    atomic_write(path, write)
     return path
 
 
@@ -940,26 +942,46 @@ def _wedge_columns(masks, n: int) -> dict:
 
 def _write_star(path: Path, blocks: dict) -> None:
     # Six decimals: 1e-6 degree and 1e-6 A are far below any meaningful precision.
-    _atomic_write(path, lambda tmp: starfile.write(blocks, tmp, float_format="%.6f"))
+    atomic_write(path, lambda tmp: starfile.write(blocks, tmp, float_format="%.6f"))
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Call ``write(tmp)`` on a fresh file in ``path``'s folder, then move it onto ``path``.
+def atomic_write(path, content) -> Path:
+    """Write ``path`` through a fresh file in its folder, then move it onto ``path``,
+    so that a reader never sees a half-written file and an interrupted run leaves
+    the old one whole.
 
+    Parameters
+    ----------
+    path : str or Path
+    content : str, bytes or callable
+        The text or bytes to write, or ``content(tmp)``, which writes the file
+        ``tmp`` itself (e.g. ``mrcfile.new`` or ``Figure.savefig``).
+
+    Returns
+    -------
+    Path
+
+    Notes
+    -----
     The temporary name is unique and created by the writer itself (not
     ``mkstemp``), so the file gets the usual permissions under the umask.
     """
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp")
     try:
-        write(tmp)
+        if isinstance(content, str):
+            tmp.write_text(content)
+        elif isinstance(content, bytes):
+            tmp.write_bytes(content)
+        else:
+            content(tmp)
         os.replace(tmp, path)
     except BaseException:
-        try:
+        with contextlib.suppress(OSError):
             tmp.unlink()
-        except OSError:
-            pass
         raise
+    return path
 
 
 def _check_output(path: Path, overwrite: bool, protect: Iterable) -> None:

@@ -12,15 +12,13 @@ then :func:`os.replace`), so an interrupted run never leaves a half-written imag
 
 from __future__ import annotations
 
-import contextlib
-import os
-import secrets
 from pathlib import Path
 
 import numpy as np
 from sklearn.utils import check_random_state
 
 from . import kernel
+from .io import atomic_write
 from .metrics import fsc, fsc_resolution
 
 __all__ = [
@@ -54,20 +52,8 @@ def _new_figure(**kwargs):
 
 
 def _save_png(fig, path) -> Path:
-    """Write ``fig`` to ``path`` as a PNG through a temporary file in the same folder."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    # O_EXCL: never write through a name someone else made; 0o666 & ~umask, like open().
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png", dpi=_DPI)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    return path
+    """Write ``fig`` to ``path`` as a PNG, atomically."""
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=_DPI))
 
 
 def _finish(fig, path):

@@ -15,6 +15,7 @@ from scipy.spatial.transform import Rotation
 from mlsubtomo.io import (
     ANGLE_COLUMNS,
     ORIGIN_COLUMNS,
+    atomic_write,
     pose_from_relion,
     read_particles,
     relion_from_pose,
@@ -522,6 +523,32 @@ def test_write_map_is_valid_and_atomic(tmp_path):
         assert mrc.data.dtype == np.float32
         np.testing.assert_array_equal(mrc.data, vol)
     assert os.listdir(path.parent) == ["map.mrc"]  # no temporary file left behind
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [("text", "text"), (b"bytes", "bytes"), (lambda tmp: tmp.write_text("made"), "made")],
+)
+def test_atomic_write_replaces_the_file_and_leaves_nothing_else(tmp_path, content, expected):
+    path = tmp_path / "out.txt"
+    path.write_text("old")
+    assert atomic_write(path, content) == path
+    assert path.read_text() == expected
+    assert os.listdir(tmp_path) == ["out.txt"]
+
+
+def test_a_failed_atomic_write_keeps_the_old_file(tmp_path):
+    path = tmp_path / "out.txt"
+    path.write_text("old")
+
+    def fails(tmp):
+        tmp.write_text("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(path, fails)
+    assert path.read_text() == "old"
+    assert os.listdir(tmp_path) == ["out.txt"]
 
 
 def test_write_maps_names(tmp_path):
