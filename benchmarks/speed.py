@@ -56,6 +56,7 @@ are merged into the JSON already there.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import multiprocessing
@@ -345,6 +346,12 @@ def _accuracy(row: dict, data, step: float, out: Path) -> dict:
     }
 
 
+def _save_poses(est, path: Path) -> None:
+    # Through a file object: given a name not ending in .npz, numpy would add it.
+    with open(path, "wb") as f:
+        np.savez_compressed(f, labels=est.labels_, rotations=est.rotations_)
+
+
 def _commit() -> str:
     """The checkout's commit, with '+' when tracked files other than the results
     differ from it ('?' outside git)."""
@@ -399,10 +406,8 @@ def part_modes(quick: bool, save, out: Path, modes=("accelerated", "exhaustive")
             finally:
                 logging.getLogger("mlsubtomo").removeHandler(handler)
             seconds = time.perf_counter() - start
-            out.mkdir(parents=True, exist_ok=True)
             row = {"snr": snr, "mode": mode, "seed": seed}
-            np.savez_compressed(_poses_path(out, row), labels=est.labels_,
-                                rotations=est.rotations_)
+            atomic_write(_poses_path(out, row), functools.partial(_save_poses, est))
             rows.append({
                 **row, "options": extra, "seconds": seconds,
                 "n_jobs": n_jobs, "date": time.strftime("%Y-%m-%d %H:%M"), "commit": commit,
