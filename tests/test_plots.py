@@ -252,10 +252,7 @@ def test_failed_write_keeps_the_old_file_and_leaves_no_temp_file(
     path.write_bytes(b"old")
 
     def broken_savefig(self, fname, **kwargs):
-        if hasattr(fname, "write"):
-            fname.write(b"partial")
-        else:
-            Path(fname).write_bytes(b"partial")
+        Path(fname).write_bytes(b"partial")
         raise RuntimeError("disk full")
 
     monkeypatch.setattr(Figure, "savefig", broken_savefig)
