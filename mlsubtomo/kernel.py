@@ -1015,8 +1015,8 @@ class _Scorer:
         """Best score over shifts of each pair, its shift and the log-sum over shifts;
         the scores less their pair's best go to ``relative`` (m, T)."""
         top, arg = _shift_scores(
-            cross, self.chunk.power, power, particles, self.model.log_class_weights[k],
-            self.log_orientation_prior, self.log_shift_prior, self.inv_two_var, relative,
+            cross, self.chunk.power, power, particles, self._offset(k, particles),
+            self.log_shift_prior, self.inv_two_var, relative,
         )
         return top, arg, _plus_log_row_sums(top, np.exp(relative))
 
@@ -1042,22 +1042,20 @@ class _Scorer:
 # passes over the (pairs, shifts) arrays had cost as much as the shift sums at D = 16.
 # The exponentials stay with numpy, whose vectorised exp is about 9 times faster.
 @numba.njit(cache=True, nogil=True)
-def _shift_scores(cross, particle_power, power, particles, log_class_weight,  # pragma: no cover
-                  log_orientation_prior, log_shift_prior, inv_two_var, relative):
-    """``relative[j, t]``: the score ``offset + log_shift_prior[t] - (base - 2
+def _shift_scores(cross, particle_power, power, particles, offset,  # pragma: no cover
+                  log_shift_prior, inv_two_var, relative):
+    """``relative[j, t]``: the score ``offset[j] + log_shift_prior[t] - (base - 2
     cross[j, t]) inv_two_var`` less the pair's best, where pair j of particle
-    ``i = particles[j]`` has ``base = particle_power[i] + power[j]`` and ``offset =
-    log_class_weight + log_orientation_prior[i]``; returns the best and its first shift."""
+    ``particles[j]`` has ``base = particle_power[particles[j]] + power[j]``; returns
+    the best and its first shift."""
     m, n_shifts = cross.shape
     top = np.empty(m)
     arg = np.zeros(m, dtype=np.int32)
     for j in range(m):
-        i = particles[j]
-        base = particle_power[i] + power[j]
-        offset = log_class_weight + log_orientation_prior[i]
+        base = particle_power[particles[j]] + power[j]
         best = -np.inf
         for t in range(n_shifts):
-            s = offset + log_shift_prior[t] - (base - 2.0 * cross[j, t]) * inv_two_var
+            s = offset[j] + log_shift_prior[t] - (base - 2.0 * cross[j, t]) * inv_two_var
             relative[j, t] = s
             if s > best:
                 best, arg[j] = s, t
