@@ -203,7 +203,10 @@ class _SubtomogramClassifier(BaseEstimator):
         if candidates is None and not self.align:
             candidates = np.eye(n, dtype=bool)
         elif candidates is None and local is not None:
-            candidates = kernel.local_candidates(search.rotations, current_rotations, local)
+            candidates = local_neighbourhood(
+                Rotation.from_matrix(search.rotations), Rotation.from_matrix(current_rotations),
+                local, self.symmetry, include_nearest=True,
+            )
         size, keep_scores, share = kernel.chunk_plan(
             n, model.references.shape[0], len(search.rotations), len(search.shifts),
             model.references.shape[-1], self.memory_budget * 2**30,
@@ -951,8 +954,7 @@ class MissingDataMLClassifier(DensityMixin, _SubtomogramClassifier):
         used = np.flatnonzero(chosen.any(axis=(0, 1)))
         grid = Rotation.from_matrix(rotations)
         points = Rotation.from_matrix(centres[used])
-        near = local_neighbourhood(grid, points, radius, self.symmetry)
-        near[np.arange(len(used)), nearest_grid_index(grid, points, self.symmetry)] = True
+        near = local_neighbourhood(grid, points, radius, self.symmetry, include_nearest=True)
         n, k, _ = chosen.shape
         reached = chosen[:, :, used].reshape(n * k, -1).astype(np.float32) @ near.astype(
             np.float32

@@ -73,7 +73,6 @@ __all__ = [
     "pair_result",
     "rotated_observed",
     "band_weights",
-    "local_candidates",
     "logsumexp",
     "prepare_particles",
     "rotation_contrast",
@@ -444,20 +443,6 @@ def to_real(transforms: np.ndarray, box_size: int, fft_backend: str = "pyfftw") 
     """Inverse of :func:`to_fourier`, float32."""
     backend = FFTBackend(fft_backend)
     return uncentre_from_fft(backend.irfftn(transforms, box_size))
-
-
-def local_candidates(grid: np.ndarray, centres: np.ndarray, max_angle: float) -> np.ndarray:
-    """Grid orientations within ``max_angle`` degrees of each centre: bool (n, R).
-
-    The nearest grid orientation is always included, so no particle is left without one.
-    """
-    centres_q = Rotation.from_matrix(centres).as_quat()
-    grid_q = Rotation.from_matrix(grid).as_quat()
-    cos_half = np.clip(np.abs(centres_q @ grid_q.T), 0.0, 1.0)
-    angle = np.degrees(2.0 * np.arccos(cos_half))
-    near = angle <= max_angle
-    near[np.arange(len(centres)), np.argmin(angle, axis=1)] = True
-    return near
 
 
 def rotated_transforms(

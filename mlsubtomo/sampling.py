@@ -379,7 +379,9 @@ def covering_radius(grid, probes, symmetry="C1") -> float:
     return float(np.rad2deg(2.0 * np.arccos(np.clip(worst, 0.0, 1.0))))
 
 
-def local_neighbourhood(grid, rotations, max_angle, symmetry="C1") -> np.ndarray:
+def local_neighbourhood(
+    grid, rotations, max_angle, symmetry="C1", include_nearest=False
+) -> np.ndarray:
     """Which grid rotations lie within ``max_angle`` of each given rotation (modulo G).
 
     Parameters
@@ -392,6 +394,9 @@ def local_neighbourhood(grid, rotations, max_angle, symmetry="C1") -> np.ndarray
         Radius in degrees, >= 0; 180 or more selects every grid rotation.
     symmetry : str, default="C1"
         Distances are ``min_g dist(rotation, grid_j g)``.
+    include_nearest : bool, default=False
+        Also mark each rotation's nearest grid rotation, however far, so that a
+        local search leaves no rotation without a candidate.
 
     Returns
     -------
@@ -415,6 +420,8 @@ def local_neighbourhood(grid, rotations, max_angle, symmetry="C1") -> np.ndarray
     out = np.empty((len(rotations), len(grid)), dtype=bool)
     for rows, best in _max_abs_dot_blocks(rotations, grid, symmetry):
         out[rows] = best >= threshold
+        if include_nearest:
+            out[rows.start + np.arange(len(best)), np.argmax(best, axis=1)] = True
     return out
 
 

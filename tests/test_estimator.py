@@ -331,3 +331,19 @@ def test_local_refinement_continues_after_the_global_search_converges(phantoms):
     )
     # Searching near the settled orientations keeps the classes (2 of 24 may move).
     assert class_purity(plain.labels_, refined.labels_) >= 22 / 24
+
+
+def test_symmetric_local_search_reaches_across_the_asymmetric_unit(phantoms):
+    # The grid holds one asymmetric unit of C7, so most random orientations lie
+    # outside it: their neighbours are grid orientations times a symmetry mate.
+    data = make_dataset(phantoms[1:], 20, masks=WEDGE, snr=0.5, random_state=9)
+    est = MissingDataMLClassifier(
+        1, angular_step=15, symmetry="C7", local_search=20, max_shift=0, max_iter=1,
+        random_state=0, init_references=phantoms[1][None],
+    )
+    est.fit(data.volumes, masks=WEDGE, init_rotations=data.rotations)
+    group = symmetry_group("C7").as_matrix()
+    relative = np.einsum("nji,njk,gkl->ngil", data.rotations, est.rotations_, group)
+    traces = np.trace(relative, axis1=2, axis2=3).max(axis=1)
+    angles = np.degrees(np.arccos(np.clip((traces - 1) / 2, -1, 1)))
+    assert np.all(angles <= 20 + 1e-6)

@@ -231,6 +231,18 @@ def test_local_neighbourhood_matches_brute_force(symmetry, max_angle):
         )
 
 
+def test_include_nearest_adds_only_the_nearest_grid_rotation():
+    grid = so3_grid(30, "D2")
+    rots = Rotation.random(40, random_state=3)
+    distances = _brute_distances(rots, grid, "D2")
+    got = local_neighbourhood(grid, rots, 5.0, "D2", include_nearest=True)
+    expected = distances <= 5.0
+    expected[np.arange(40), np.argmin(distances, axis=1)] = True
+    np.testing.assert_array_equal(got, expected)
+    # At 5 degrees on a 30-degree grid most rotations have no neighbour of their own.
+    assert not local_neighbourhood(grid, rots, 5.0, "D2").any(axis=1).all()
+
+
 def test_every_rotation_has_a_grid_neighbour_within_the_step():
     step = 15
     grid = so3_grid(step)
