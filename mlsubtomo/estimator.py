@@ -1048,13 +1048,15 @@ class MissingDataMLClassifier(DensityMixin, _SubtomogramClassifier):
             shell = max(shell, below[0] + 1 if len(below) else len(curve) - 1)
         return min(self._box_size, max(crop, 2 * int(np.ceil(1.5 * shell))))
 
-    @staticmethod
-    def _assignment_changes(previous, labels, rotations):
-        """Fraction of particles changing class, and mean orientation change (degrees)."""
+    def _assignment_changes(self, previous, labels, rotations):
+        """Fraction of particles changing class, and mean orientation change (degrees)
+        modulo the symmetry: a move to a symmetry mate is no change."""
         if previous["labels"] is None:
             return np.nan, np.nan
-        relative = np.einsum("nji,njk->nik", previous["best_rotations"], rotations)
-        turned = np.degrees(np.mean(Rotation.from_matrix(relative).magnitude()))
+        group = symmetry_group(self.symmetry).as_matrix()
+        relative = np.einsum("nji,njk,gkl->ngil", previous["best_rotations"], rotations, group)
+        angles = Rotation.from_matrix(relative.reshape(-1, 3, 3)).magnitude()
+        turned = np.degrees(np.mean(angles.reshape(len(rotations), -1).min(axis=1)))
         return float(np.mean(previous["labels"] != labels)), float(turned)
 
     def _log_iteration(self, iteration, stats, labels, changes, start):

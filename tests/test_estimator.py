@@ -6,6 +6,7 @@ import warnings
 import numpy as np
 import pytest
 from conftest import BOX
+from scipy.spatial.transform import Rotation
 from sklearn import config_context
 from sklearn.base import clone
 from sklearn.exceptions import NotFittedError
@@ -347,3 +348,15 @@ def test_symmetric_local_search_reaches_across_the_asymmetric_unit(phantoms):
     traces = np.trace(relative, axis1=2, axis2=3).max(axis=1)
     angles = np.degrees(np.arccos(np.clip((traces - 1) / 2, -1, 1)))
     assert np.all(angles <= 20 + 1e-6)
+
+
+def test_orientation_change_is_measured_modulo_the_symmetry():
+    est = MissingDataMLClassifier(1, symmetry="C7")
+    start = Rotation.random(5, random_state=0).as_matrix()
+    mate = symmetry_group("C7").as_matrix()[3]
+    previous = {"labels": np.zeros(5, dtype=int), "best_rotations": start}
+    _, turned = est._assignment_changes(previous, np.zeros(5, dtype=int), start @ mate)
+    assert turned == pytest.approx(0.0, abs=1e-6)
+    tilt = Rotation.from_euler("x", 10, degrees=True).as_matrix()
+    _, turned = est._assignment_changes(previous, np.zeros(5, dtype=int), start @ tilt)
+    assert turned == pytest.approx(10.0, abs=1e-6)
