@@ -6,7 +6,7 @@ constrained cross-correlation baseline).
 """
 
 from .baselines import ConstrainedCCClassifier
-from .estimator import MissingDataMLClassifier
+from .estimator import ClassCollapseWarning, MissingDataMLClassifier
 from .masks import ArrayMask, FullData, MissingCone, MissingPyramid, MissingWedge
 from .preprocessing import ParticleNormalizer
 from .regularization import Constant, LinearDecay
@@ -15,6 +15,7 @@ __version__ = "0.1.0.dev0"
 
 __all__ = [
     "ArrayMask",
+    "ClassCollapseWarning",
     "Constant",
     "ConstrainedCCClassifier",
     "FullData",

@@ -143,6 +143,11 @@ class ConstrainedCCClassifier(_SubtomogramClassifier):
         Returns
         -------
         self
+
+        Warns
+        -----
+        ClassCollapseWarning
+            If a class ends with no particle assigned to it.
         """
         self.fit_predict(X, y, masks=masks, init_rotations=init_rotations, init_shifts=init_shifts)
         return self
@@ -203,6 +208,7 @@ class ConstrainedCCClassifier(_SubtomogramClassifier):
         result = self._search(data, settings, grid, run["rotations"])
         self.correlation_history_.append(float(np.mean(result.max_posterior)))
         self.labels_ = result.best_class
+        self._warn_on_empty_classes()
         self._store_pose(result, base_shifts)
         self.max_correlation_ = result.max_posterior
         return self.labels_

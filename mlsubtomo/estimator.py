@@ -9,6 +9,7 @@ import logging
 import numbers
 import pickle
 import time
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -36,7 +37,7 @@ from .sampling import (
 from .stats import SufficientStatistics
 from .transform import euler_from_matrix, rotate_volume
 
-__all__ = ["MissingDataMLClassifier"]
+__all__ = ["ClassCollapseWarning", "MissingDataMLClassifier"]
 
 logger = logging.getLogger("mlsubtomo")
 
@@ -55,6 +56,10 @@ _DATA_RANGE = (1e-12, 1e12)
 # Orthonormality error tolerated in given rotation matrices: float32 or printed
 # matrices are off by about 1e-7 to 1e-6; anything beyond is not a rotation.
 _ROTATION_TOL = 1e-4
+
+
+class ClassCollapseWarning(UserWarning):
+    """A fit ended with a class that holds no particle (the classes collapsed)."""
 
 
 class _SubtomogramClassifier(BaseEstimator):
@@ -281,6 +286,21 @@ class _SubtomogramClassifier(BaseEstimator):
         band = np.zeros_like(self._band_weights)
         band[index] = self._band_weights[index] * kernel.crop_ball(crop)
         return band
+
+    def _warn_on_empty_classes(self):
+        """Warn when the final assignment leaves a class without particles: a collapsed
+        run otherwise shows only in the per-iteration log, which scripts rarely read."""
+        sizes = np.bincount(self.labels_, minlength=self.n_classes)
+        empty = np.flatnonzero(sizes == 0)
+        if len(empty):
+            warnings.warn(
+                f"{'classes' if len(empty) > 1 else 'class'} {', '.join(map(str, empty))} of "
+                f"{self.n_classes} {'hold' if len(empty) > 1 else 'holds'} no particle after "
+                f"{self.n_iter_} iterations (class "
+                f"sizes {sizes.tolist()}): the classes collapsed. Try another random_state, "
+                "a stronger or longer regularization schedule, or fewer classes.",
+                ClassCollapseWarning, stacklevel=3,
+            )
 
     def _store_pose(self, result, base_shifts):
         self.rotations_ = result.rotations
@@ -696,6 +716,11 @@ class MissingDataMLClassifier(DensityMixin, _SubtomogramClassifier):
         Returns
         -------
         self
+
+        Warns
+        -----
+        ClassCollapseWarning
+            If a class ends with no particle assigned to it.
         """
         self.fit_predict(X, y, masks=masks, init_rotations=init_rotations, init_shifts=init_shifts)
         return self
@@ -792,6 +817,7 @@ class MissingDataMLClassifier(DensityMixin, _SubtomogramClassifier):
         self.log_likelihood_history_.append(float(np.sum(result.log_likelihood)))
         self.lower_bound_ = self.log_likelihood_history_[-1]
         self.labels_ = np.argmax(result.class_log_posterior, axis=1)
+        self._warn_on_empty_classes()
         self._store_pose(result, base_shifts)
         self.max_posterior_ = result.max_posterior
         self.particle_log_likelihood_ = result.log_likelihood
