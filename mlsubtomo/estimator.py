@@ -293,12 +293,12 @@ class _SubtomogramClassifier(BaseEstimator):
         sizes = np.bincount(self.labels_, minlength=self.n_classes)
         empty = np.flatnonzero(sizes == 0)
         if len(empty):
+            which = (f"classes {', '.join(map(str, empty))} hold" if len(empty) > 1
+                     else f"class {empty[0]} holds")
             warnings.warn(
-                f"{'classes' if len(empty) > 1 else 'class'} {', '.join(map(str, empty))} of "
-                f"{self.n_classes} {'hold' if len(empty) > 1 else 'holds'} no particle after "
-                f"{self.n_iter_} iterations (class "
-                f"sizes {sizes.tolist()}): the classes collapsed. Try another random_state, "
-                "a stronger or longer regularization schedule, or fewer classes.",
+                f"{which} no particle after {self.n_iter_} iterations (class sizes "
+                f"{sizes.tolist()}): the classes collapsed. Try another random_state, a "
+                "stronger or longer regularization schedule, or fewer classes.",
                 ClassCollapseWarning, stacklevel=3,
             )
 
