@@ -7,6 +7,7 @@ import logging
 import re
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -126,7 +127,12 @@ def _fit(args) -> int:
         resume=args.resume,
     )
     try:
-        est.fit(X, masks=masks)
+        # run.log is the record of the run: a warning such as a class collapse is
+        # logged, so that it goes there as well as to the terminal.
+        with warnings.catch_warnings(record=True) as caught:
+            est.fit(X, masks=masks)
+        for w in caught:
+            logging.getLogger("mlsubtomo").warning(f"{w.category.__name__}: {w.message}")
     finally:
         logging.getLogger("mlsubtomo").removeHandler(handler)
         handler.close()

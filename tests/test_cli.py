@@ -1,5 +1,6 @@
 """The mlsubtomo command."""
 
+import logging
 import shutil
 import subprocess
 import sys
@@ -7,6 +8,7 @@ import sys
 import mrcfile
 import numpy as np
 import pytest
+import starfile
 
 from mlsubtomo.cli import main
 
@@ -85,6 +87,23 @@ def test_simulate_then_fit_recovers_the_truth(tmp_path, capsys):
     assert "iteration 8" in (out / "run.log").read_text()
     for name in ("convergence.png", "class_averages.png", "orientations.png", "fsc.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_collapse_is_written_to_run_log_and_the_terminal(tmp_path, caplog):
+    data, out = tmp_path / "d", tmp_path / "r"
+    assert main(["simulate", "--out", str(data), "--n-particles", "6", "--box", "16",
+                 "--snr", "0.5", "--max-shift", "0"]) == 0
+    star = data / "particles.star"
+    table = starfile.read(star)
+    # Every particle is the same map: a second class must stay empty.
+    table["particles"]["rlnImageName"] = table["particles"]["rlnImageName"].iloc[0]
+    starfile.write(table, star, overwrite=True)
+    assert main(["fit", str(star), "--classes", "2", "--out", str(out), "--angular-step",
+                 "90", "--iterations", "2", "--max-shift", "0"]) == 0
+    assert "ClassCollapseWarning: class 1 holds no particle" in (out / "run.log").read_text()
+    # The logger's console handler (under pytest, its capture) gets it as a warning.
+    assert any(r.levelno == logging.WARNING and "ClassCollapseWarning" in r.getMessage()
+               for r in caplog.records)
 
 
 def test_user_mistakes_are_one_line_errors(tmp_path, capsys):
