@@ -303,11 +303,15 @@ MODES = {
 }
 
 
-def _modes_data(quick: bool, snr: float):
-    """The modes part's particles at this SNR (the same for every mode)."""
+def _modes_data(quick: bool, snr: float, roll: int = 0):
+    """The modes part's particles at this SNR (the same for every mode).
+
+    With ``roll`` the phantoms are rolled and the seed kept: the same labels and poses
+    (a stored draw order), each particle now drawn from class (label + roll) mod K.
+    """
     n, d, _, shift, _ = _modes_setting(quick)
-    return make_dataset(_phantoms(d, 2), n, masks=WEDGE, snr=snr, max_shift=shift,
-                        random_state=1)
+    return make_dataset(np.roll(_phantoms(d, 2), -roll, axis=0), n, masks=WEDGE, snr=snr,
+                        max_shift=shift, random_state=1)
 
 
 def known_pose_purity(quick: bool, data) -> dict:
@@ -316,20 +320,16 @@ def known_pose_purity(quick: bool, data) -> dict:
     (what an ML run with the true references and one noise level for all classes
     would choose). A method that must find the poses is not expected to do better.
     """
-    n, d, _, shift, _ = _modes_setting(quick)
-    refs = _phantoms(d, 2)
     x = data.volumes.astype(np.float64)
     distances = []
-    for k in range(len(refs)):
-        # The phantoms rolled, the seed kept: the same labels and poses (a stored
-        # draw order), each particle now of class (label + k) mod K.
-        clean = make_dataset(np.roll(refs, -k, axis=0), n, masks=WEDGE, snr=np.inf,
-                             max_shift=shift, random_state=1)
+    n_classes = 2
+    for k in range(n_classes):
+        clean = _modes_data(quick, np.inf, roll=k)
         if not np.array_equal(clean.rotations, data.rotations):
             raise RuntimeError("make_dataset no longer draws poses independently of "
                                "the references")
         distances.append(np.sum((x - clean.volumes) ** 2, axis=(1, 2, 3)))
-    labels = (data.labels + np.argmin(distances, axis=0)) % len(refs)
+    labels = (data.labels + np.argmin(distances, axis=0)) % n_classes
     return {"purity": class_purity(data.labels, labels),
             "misclassified": np.flatnonzero(labels != data.labels).tolist()}
 
