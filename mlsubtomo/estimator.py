@@ -45,8 +45,9 @@ _MISSING_DATA = ("impute", "weighted_average")
 # sigma never falls below this fraction of the data's RMS per observed component, so
 # that noise-free data give large but finite scores instead of a division by zero.
 _SIGMA_FLOOR = 1e-5
-# Bytes of the (particles, K, R, neighbours) posterior gathers compared at once, and
-# of the (rows, R) neighbourhood blocks of the grid.
+# Bytes of the (particles, K, R, neighbours) posterior gathers compared at once, of
+# the (rows, R) neighbourhood blocks of the grid and of the (particles, K, R) products
+# that find the orientations near chosen centres.
 _MODE_BATCH_BYTES = 1 << 25
 # Accepted range of max |X|. The float32 kernel gave the same labels and references
 # for unit-variance data scaled by 1e-18 to 1e18 (D = 8 and 16), not at 1e-22
@@ -212,9 +213,16 @@ class _SubtomogramClassifier(BaseEstimator):
                 Rotation.from_matrix(search.rotations), Rotation.from_matrix(current_rotations),
                 local, self.symmetry, include_nearest=True,
             )
+        n_classes, n_rotations = model.references.shape[0], len(search.rotations)
+        # Beside every chunk stay the whole run's candidates and, where they are kept
+        # to choose the next search's pairs, the log masses of all pairs and the
+        # choice made from them.
+        reserved = 0 if candidates is None else candidates.nbytes
+        if kwargs.get("keep_pairs"):
+            reserved += n * n_classes * n_rotations * 9
         size, keep_scores, share = kernel.chunk_plan(
-            n, model.references.shape[0], len(search.rotations), len(search.shifts),
-            model.references.shape[-1], self.memory_budget * 2**30,
+            n, n_classes, n_rotations, len(search.shifts), model.references.shape[-1],
+            self.memory_budget * 2**30 - reserved,
         )
         settings = dataclasses.replace(settings, keep_scores=keep_scores)
         chunks = [np.arange(s, min(s + size, n)) for s in range(0, n, size)]
@@ -521,6 +529,9 @@ class MissingDataMLClassifier(DensityMixin, _SubtomogramClassifier):
     memory_budget : float, default=2.0
         GiB the E-step's working set may use: particles are processed in chunks
         sized from it, and scores are kept between the two passes when they fit.
+        It covers the per-pair arrays a pruned search keeps for the whole run (the
+        candidate orientations, and the pair posteriors ``local_refinement`` refines
+        near), but not the particles and their Fourier transforms.
     random_state : int, RandomState or None, default=None
     verbose : int, default=0
         1 logs one line per iteration and shows progress bars over iterations and
@@ -982,10 +993,16 @@ class MissingDataMLClassifier(DensityMixin, _SubtomogramClassifier):
         points = Rotation.from_matrix(centres[used])
         near = local_neighbourhood(grid, points, radius, self.symmetry, include_nearest=True)
         n, k, _ = chosen.shape
-        reached = chosen[:, :, used].reshape(n * k, -1).astype(np.float32) @ near.astype(
-            np.float32
-        )
-        return reached.reshape(n, k, -1) > 0
+        near = near.astype(np.float32)
+        reached = np.empty((n, k, len(rotations)), dtype=bool)
+        # Particle batches bound the float32 products, which a whole run's would not be.
+        batch = max(1, _MODE_BATCH_BYTES // (4 * k * len(rotations)))
+        for start in range(0, n, batch):
+            part = chosen[start:start + batch, :, used]
+            reached[start:start + batch] = (
+                part.reshape(-1, len(used)).astype(np.float32) @ near
+            ).reshape(part.shape[0], k, -1) > 0
+        return reached
 
     def _coarse_candidates(self, data, search, settings):
         """Where the fine search looks: (n, K, R) bool.

@@ -18,7 +18,12 @@ from mlsubtomo import MissingDataMLClassifier, kernel
 from mlsubtomo.fft import hermitian_multiplicity
 from mlsubtomo.masks import MissingCone, MissingWedge
 from mlsubtomo.metrics import class_purity
-from mlsubtomo.sampling import nearest_grid_index, so3_grid, symmetry_group
+from mlsubtomo.sampling import (
+    local_neighbourhood,
+    nearest_grid_index,
+    so3_grid,
+    symmetry_group,
+)
 from mlsubtomo.simulate import make_dataset
 
 D = 12
@@ -561,6 +566,48 @@ def test_local_search_around_the_previous_significant_pairs(easy):
     # The chosen pair is searched, so nothing better than the global best is lost.
     np.testing.assert_array_equal(local.best_rotation, full.best_rotation)
     assert np.all(local.log_likelihood <= full.log_likelihood + 1e-6 * np.abs(full.log_likelihood))
+
+
+def test_orientations_reached_in_particle_batches(easy, monkeypatch):
+    from mlsubtomo import estimator
+
+    _, est, _ = easy
+    grid = est._orientation_grid()
+    rng = np.random.default_rng(3)
+    chosen = rng.random((7, 2, len(grid))) < 0.05
+    chosen[1] = False  # a particle with no centre reaches nothing
+    # Batches of one particle each.
+    monkeypatch.setattr(estimator, "_MODE_BATCH_BYTES", 1)
+    reached = est._reached(grid, chosen, grid, 40.0)
+    near = local_neighbourhood(Rotation.from_matrix(grid), Rotation.from_matrix(grid), 40.0,
+                               est.symmetry, include_nearest=True)
+    expected = np.einsum("nkm,mr->nkr", chosen.astype(int), near.astype(int)) > 0
+    np.testing.assert_array_equal(reached, expected)
+    assert not reached[1].any() and reached[0].any()
+
+
+def test_memory_budget_covers_the_pair_arrays_kept_for_the_run(easy, monkeypatch):
+    data, _, _ = easy
+    plans = []
+    plan = kernel.chunk_plan
+
+    def spy(n, k, r, t, d, budget):
+        plans.append((n * k * r, budget))
+        return plan(n, k, r, t, d, budget)
+
+    monkeypatch.setattr(kernel, "chunk_plan", spy)
+    params = dict(FIT, init_references=_asymmetric_references(), max_resolution=0.15,
+                  max_iter=8, perturb=False, tol=0.5)
+    est = MissingDataMLClassifier(2, local_refinement=50.0, **params).fit(
+        data.volumes, masks=data.masks
+    )
+    assert est.refinement_start_ is not None
+    # What each E-step's chunks were not given, per pair: the pair masses and chosen
+    # pairs kept for the next iteration (9 bytes) in the global iterations, the
+    # candidate pairs searched too (1 byte) in refinement, and only the candidates in
+    # the final local search, which keeps nothing.
+    held = [round(est.memory_budget * 2**30 - budget) / pairs for pairs, budget in plans]
+    assert held[0] == 9 and held[-1] == 1 and set(held) == {9, 10, 1}
 
 
 def test_final_assignment_after_local_refinement_is_the_global_best(easy):
