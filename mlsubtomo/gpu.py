@@ -30,7 +30,7 @@ import numpy as np
 from . import kernel
 from .fft import frequency_grid, half_grid_shape, hermitian_multiplicity
 from .stats import SufficientStatistics
-from .transform import _boundary_index, affine_parameters
+from .transform import affine_parameters, boundary_index
 
 __all__ = ["cuda_array_module", "e_step"]
 
@@ -130,8 +130,8 @@ class _DeviceProblem:
         if key in self.kept:
             return self.kept[key]
         xp, k, b = self.xp, self.n_classes, len(block)
-        candidates = kernel._block_candidates(self.chunk, block, k)
-        needed = kernel._searched_pairs(candidates, self.allowed, b)
+        candidates = kernel.block_candidates(self.chunk, block, k)
+        needed = kernel.searched_pairs(candidates, self.allowed, b)
         rotated = xp.zeros((k * b, len(self.where)), dtype=xp.complex64)
         if needed.any():
             self._fill(rotated, block, needed, transforms)
@@ -148,7 +148,7 @@ class _DeviceProblem:
         if transforms is not None:
             mine = transforms[:, block][needed]
         else:
-            mine = kernel._rotate_block(
+            mine = kernel.rotate_block(
                 self.model.references, self.search.rotations[block], self.settings, needed
             )
         out[xp.asarray(np.flatnonzero(needed))] = xp.asarray(
@@ -172,7 +172,7 @@ class _DeviceProblem:
         scores = (self.offset[particles, :, None, None] + self.log_shift_prior
                   - residual * self.inv_two_var)
         searched = xp.asarray(self.allowed)[None, :, None]
-        candidates = kernel._block_candidates(self.chunk, block, k)
+        candidates = kernel.block_candidates(self.chunk, block, k)
         if candidates is not None:
             searched = searched & xp.asarray(np.ascontiguousarray(candidates[particles]))
         return xp.where(searched[..., None], scores, -xp.inf), residual
@@ -215,7 +215,7 @@ def e_step(
     pair_max = np.full((n, n_classes, n_rot), -np.inf)
     pair_lse = np.full((n, n_classes, n_rot), -np.inf)
     pair_arg = np.zeros((n, n_classes, n_rot), dtype=np.int32)
-    blocks = kernel._blocks(n_rot, settings.orientation_block)
+    blocks = kernel.orientation_blocks(n_rot, settings.orientation_block)
     share = 0.5 / len(blocks) if accumulate else 1.0 / len(blocks)
     batches = [slice(s, min(s + problem.batch, n)) for s in range(0, n, problem.batch)]
     for block in blocks:
@@ -304,7 +304,7 @@ def _rotate_back(problem, data_sums, counts_sums, sums, mass, rotations):
     axes = (1, 2, 3)
     volumes = xp.fft.irfftn(grid.reshape(m, *half), s=(d, d, d), axes=axes, norm="ortho")
     volumes = xp.roll(volumes, (d // 2,) * 3, axis=axes)
-    outside = _host(volumes.reshape(m, -1)[:, xp.asarray(_boundary_index(d, False))].mean(1))
+    outside = _host(volumes.reshape(m, -1)[:, xp.asarray(boundary_index(d, False))].mean(1))
     back = xp.empty_like(volumes)
     for i in range(m):
         matrix, offset = affine_parameters(inverses[slot[i]], d)

@@ -71,11 +71,16 @@ __all__ = [
     "kept_pairs",
     "log_orientation_prior",
     "pair_result",
+    "rotate_block",
     "rotated_observed",
+    "rotated_transforms",
     "band_weights",
+    "block_candidates",
     "logsumexp",
+    "orientation_blocks",
     "prepare_particles",
     "rotation_contrast",
+    "searched_pairs",
     "to_fourier",
     "to_real",
     "shift_window",
@@ -454,11 +459,11 @@ def rotated_transforms(
     particle chunk from rotating the references itself. Orientation blocks are
     rotated in parallel (``settings.n_jobs`` threads).
     """
-    blocks = _blocks(len(rotations), settings.orientation_block)
+    blocks = orientation_blocks(len(rotations), settings.orientation_block)
     padded = _PaddedTransforms(references, settings) if settings.rotation == "fourier" else None
     with _blas_threads(settings):
         parts = list(_parallel(settings.n_jobs)(
-            delayed(_rotate_block)(references, rotations[block], settings, padded=padded)
+            delayed(rotate_block)(references, rotations[block], settings, padded=padded)
             for block in blocks
         ))
     return np.concatenate(parts, axis=1)
@@ -491,7 +496,7 @@ def rotation_contrast(
     )
 
 
-def _rotate_block(references, rotations, settings, needed=None, padded=None):
+def rotate_block(references, rotations, settings, needed=None, padded=None):
     """Transforms of the references at ``rotations``: (K, b, ...), or with ``needed``
     (K, b) bool only those of the needed (class, orientation) pairs, (m, ...) in the
     order of ``np.flatnonzero(needed)``. ``padded``: the :class:`_PaddedTransforms` of
@@ -1132,12 +1137,12 @@ def _block_transforms(scorer, transforms, block, needed):
         rotated = scorer.padded.rotated(rotations, needed, scorer.lines)
     else:
         rotated = scorer.lines.compact(
-            _rotate_block(scorer.model.references, rotations, scorer.settings, needed)
+            rotate_block(scorer.model.references, rotations, scorer.settings, needed)
         )
     return rotated, scorer.masked_power(rotated), _slots(needed)
 
 
-def _block_candidates(chunk, block, n_classes):
+def block_candidates(chunk, block, n_classes):
     """The chunk's candidates in one orientation block, (n, K, b), or None."""
     if chunk.candidates is None:
         return None
@@ -1146,7 +1151,7 @@ def _block_candidates(chunk, block, n_classes):
     return np.broadcast_to(c, (len(chunk), n_classes, len(block)))
 
 
-def _searched_pairs(candidates, allowed, n_block):
+def searched_pairs(candidates, allowed, n_block):
     """(K, b) bool: the (class, orientation) pairs of a block that some particle
     searches, among the classes ``allowed`` (K,) bool."""
     if candidates is None:
@@ -1160,8 +1165,8 @@ def _block_pairs(scorer, transforms, block, allowed):
     (K,) bool; only the (class, orientation) pairs some particle searches are rotated."""
     chunk = scorer.chunk
     n_classes = scorer.model.references.shape[0]
-    candidates = _block_candidates(chunk, block, n_classes)
-    needed = _searched_pairs(candidates, allowed, len(block))
+    candidates = block_candidates(chunk, block, n_classes)
+    needed = searched_pairs(candidates, allowed, len(block))
     if not needed.any():
         return
     rotated, power, slots = _block_transforms(scorer, transforms, block, needed)
@@ -1186,7 +1191,9 @@ def _batches(n: int, size: int):
         start += step
 
 
-def _blocks(n_rotations: int, size: int):
+def orientation_blocks(n_rotations: int, size: int):
+    """The orientation indices in consecutive blocks of ``size`` (the last may be
+    shorter): the unit of work of every E-step backend."""
     return [np.arange(s, min(s + size, n_rotations)) for s in range(0, n_rotations, size)]
 
 
@@ -1319,7 +1326,7 @@ def e_step(
     pair_max = np.full((n, n_classes, n_rot), -np.inf)
     pair_lse = np.full((n, n_classes, n_rot), -np.inf)
     pair_arg = np.zeros((n, n_classes, n_rot), dtype=np.int32)
-    blocks = _blocks(n_rot, settings.orientation_block)
+    blocks = orientation_blocks(n_rot, settings.orientation_block)
     share = 0.5 / len(blocks) if accumulate else 1.0 / len(blocks)
     first = []
     scorer = _Scorer(chunk, model, search, settings)
@@ -1415,7 +1422,7 @@ def correlation_search(
     best = np.full((n, n_classes), -np.inf)
     best_rotation = np.zeros((n, n_classes), dtype=np.int64)
     best_shift = np.zeros((n, n_classes), dtype=np.int64)
-    blocks = _blocks(len(search.rotations), settings.orientation_block)
+    blocks = orientation_blocks(len(search.rotations), settings.orientation_block)
     scorer = _Scorer(chunk, model, search, settings)
     # Blocks come back in orientation order and only a strictly better block wins, so
     # ties keep the first maximum in orientation order, as xmipp does.

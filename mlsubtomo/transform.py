@@ -18,6 +18,7 @@ from scipy.spatial.transform import Rotation
 
 __all__ = [
     "affine_parameters",
+    "boundary_index",
     "centre_for_fft",
     "euler_from_matrix",
     "matrix_from_euler",
@@ -153,7 +154,7 @@ def outside_value(volumes: np.ndarray, centred: bool = False) -> np.ndarray:
     d = volumes.shape[-1]
     flat = np.ascontiguousarray(volumes).reshape(-1, d**3)
     out = np.empty(len(flat))
-    _mean_at(flat, _boundary_index(d, centred), out)
+    _mean_at(flat, boundary_index(d, centred), out)
     return out.reshape(volumes.shape[:-3])
 
 
@@ -170,7 +171,7 @@ def _mean_at(flat, index, out):  # pragma: no cover - compiled
 
 
 @functools.lru_cache(maxsize=16)
-def _boundary_index(d: int, centred: bool) -> np.ndarray:
+def boundary_index(d: int, centred: bool) -> np.ndarray:
     """Flat indices of the boundary voxels of a D^3 box; every rotation of the kernel
     reads them, and building the boolean box each time cost most of the mean."""
     first, last = ((d - d // 2) % d, d - d // 2 - 1) if centred else (0, d - 1)

@@ -149,8 +149,8 @@ def test_fourier_rotation_of_a_blob_is_its_transform_through_trilinear_interpola
     masks = [MissingWedge(-60, 60)]
     observed = masks[0].observed(d, max_resolution=0.5)
     settings = kernel.KernelSettings(masks=masks, mask_arrays=observed[None], rotation="fourier")
-    fourier = kernel._rotate_block(blob(centre)[None], rotations, settings)[0]
-    real = kernel._rotate_block(
+    fourier = kernel.rotate_block(blob(centre)[None], rotations, settings)[0]
+    real = kernel.rotate_block(
         blob(centre)[None], rotations, dataclasses.replace(settings, rotation="real")
     )[0] * observed
     q = np.stack([np.broadcast_to(f, observed.shape) for f in frequency_grid(d)], axis=-1)
@@ -174,8 +174,8 @@ def test_rotations_ignore_a_constant_background(rotation):
     settings = kernel.KernelSettings(
         masks=masks, mask_arrays=masks[0].observed(d)[None], rotation=rotation
     )
-    plain = kernel._rotate_block(reference, rotations, settings) * settings.mask_arrays[0]
-    offset = kernel._rotate_block(reference + 0.3, rotations, settings) * settings.mask_arrays[0]
+    plain = kernel.rotate_block(reference, rotations, settings) * settings.mask_arrays[0]
+    offset = kernel.rotate_block(reference + 0.3, rotations, settings) * settings.mask_arrays[0]
     np.testing.assert_allclose(offset, plain, atol=1e-4 * np.abs(plain).max())
 
 

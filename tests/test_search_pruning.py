@@ -143,7 +143,7 @@ def test_class_candidates_are_the_full_search_restricted(problem, keep_scores, m
     fixed = dataclasses.replace(search, log_orientation_prior=-np.log(R))
 
     rotated = []  # (first orientation of the block, classes rotated)
-    original = kernel._rotate_block
+    original = kernel.rotate_block
 
     def recording(references, rotations, settings, needed=None, padded=None):
         first = int(np.flatnonzero(np.all(np.isclose(search.rotations, rotations[0]), (1, 2)))[0])
@@ -151,7 +151,7 @@ def test_class_candidates_are_the_full_search_restricted(problem, keep_scores, m
         rotated.append((first, classes))
         return original(references, rotations, settings, needed, padded)
 
-    monkeypatch.setattr(kernel, "_rotate_block", recording)
+    monkeypatch.setattr(kernel, "rotate_block", recording)
     result = kernel.e_step(
         _with_candidates(chunk, candidates), model, fixed, settings, keep_pairs=True
     )
