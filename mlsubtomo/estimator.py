@@ -225,7 +225,7 @@ class _SubtomogramClassifier(BaseEstimator):
             self.memory_budget * 2**30 - reserved,
         )
         settings = dataclasses.replace(settings, keep_scores=keep_scores)
-        chunks = [np.arange(s, min(s + size, n)) for s in range(0, n, size)]
+        chunks = kernel.index_blocks(n, size)
         transforms = None
         # With candidate orientations, blocks nobody searches are never rotated.
         if share and candidates is None and (len(chunks) > 1 or not keep_scores):

@@ -215,7 +215,7 @@ def e_step(
     pair_max = np.full((n, n_classes, n_rot), -np.inf)
     pair_lse = np.full((n, n_classes, n_rot), -np.inf)
     pair_arg = np.zeros((n, n_classes, n_rot), dtype=np.int32)
-    blocks = kernel.orientation_blocks(n_rot, settings.orientation_block)
+    blocks = kernel.index_blocks(n_rot, settings.orientation_block)
     share = 0.5 / len(blocks) if accumulate else 1.0 / len(blocks)
     batches = [slice(s, min(s + problem.batch, n)) for s in range(0, n, problem.batch)]
     for block in blocks:

@@ -76,8 +76,8 @@ __all__ = [
     "rotated_transforms",
     "band_weights",
     "block_candidates",
+    "index_blocks",
     "logsumexp",
-    "orientation_blocks",
     "prepare_particles",
     "rotation_contrast",
     "searched_pairs",
@@ -459,7 +459,7 @@ def rotated_transforms(
     particle chunk from rotating the references itself. Orientation blocks are
     rotated in parallel (``settings.n_jobs`` threads).
     """
-    blocks = orientation_blocks(len(rotations), settings.orientation_block)
+    blocks = index_blocks(len(rotations), settings.orientation_block)
     padded = _PaddedTransforms(references, settings) if settings.rotation == "fourier" else None
     with _blas_threads(settings):
         parts = list(_parallel(settings.n_jobs)(
@@ -1191,10 +1191,11 @@ def _batches(n: int, size: int):
         start += step
 
 
-def orientation_blocks(n_rotations: int, size: int):
-    """The orientation indices in consecutive blocks of ``size`` (the last may be
-    shorter): the unit of work of every E-step backend."""
-    return [np.arange(s, min(s + size, n_rotations)) for s in range(0, n_rotations, size)]
+def index_blocks(n: int, size: int):
+    """The indices ``0..n-1`` in consecutive blocks of ``size`` (the last may be
+    shorter): the orientation blocks of every E-step backend, the particle chunks
+    of the estimator."""
+    return [np.arange(s, min(s + size, n)) for s in range(0, n, size)]
 
 
 @dataclass
@@ -1326,7 +1327,7 @@ def e_step(
     pair_max = np.full((n, n_classes, n_rot), -np.inf)
     pair_lse = np.full((n, n_classes, n_rot), -np.inf)
     pair_arg = np.zeros((n, n_classes, n_rot), dtype=np.int32)
-    blocks = orientation_blocks(n_rot, settings.orientation_block)
+    blocks = index_blocks(n_rot, settings.orientation_block)
     share = 0.5 / len(blocks) if accumulate else 1.0 / len(blocks)
     first = []
     scorer = _Scorer(chunk, model, search, settings)
@@ -1422,7 +1423,7 @@ def correlation_search(
     best = np.full((n, n_classes), -np.inf)
     best_rotation = np.zeros((n, n_classes), dtype=np.int64)
     best_shift = np.zeros((n, n_classes), dtype=np.int64)
-    blocks = orientation_blocks(len(search.rotations), settings.orientation_block)
+    blocks = index_blocks(len(search.rotations), settings.orientation_block)
     scorer = _Scorer(chunk, model, search, settings)
     # Blocks come back in orientation order and only a strictly better block wins, so
     # ties keep the first maximum in orientation order, as xmipp does.
