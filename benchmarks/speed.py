@@ -397,7 +397,7 @@ def _run_key(row: dict) -> tuple:
 
 
 def part_modes(quick: bool, save, out: Path, modes=("accelerated", "exhaustive"), n_jobs=-1,
-               previous=(), seeds=(0,), snrs=(0.05, 0.01)) -> dict:
+               previous=(), seeds=(0,), snrs=(0.05, 0.01), commit="?") -> dict:
     """Whole runs of each mode, SNR and seed; the other rows in ``previous`` are kept.
 
     Each run's labels and orientations go to ``<out>/modes_<mode>_snr<snr>[_seed<s>].npz``;
@@ -407,8 +407,6 @@ def part_modes(quick: bool, save, out: Path, modes=("accelerated", "exhaustive")
     # The estimator's line per iteration shows how far an hour-long run has got.
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     runs = {(snr, mode, seed) for snr in snrs for mode in modes for seed in seeds}
-    # The code imported now is the code that runs, whatever is committed meanwhile.
-    commit = _commit()
     rows = [r for r in previous if _run_key(r) not in runs]
     setting = {"N": n, "K": 2, "D": d, "angular_step": step, "max_shift": shift,
                "max_iter": iters}
@@ -545,8 +543,8 @@ def _previous_rows(out: Path) -> list:
 
 def _when(part: dict) -> str:
     load = part.get("load", {})
-    return (f"Measured {part.get('date', '?')}; load average {load.get('start')} at the "
-            f"start, {load.get('end')} at the end.")
+    return (f"Measured {part.get('date', '?')} at commit {part.get('commit', '?')}; load "
+            f"average {load.get('start')} at the start, {load.get('end')} at the end.")
 
 
 def markdown(results: dict) -> str:
@@ -811,6 +809,8 @@ def main(argv=None) -> int:
         "cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
         "python": platform.python_version(),
     }, "quick": args.quick}
+    # The code imported now is the code that runs, whatever is committed meanwhile.
+    commit = _commit()
     parts = {
         "floor": lambda: part_floor(args.quick),
         "gpu": lambda: part_gpu(args.quick),
@@ -819,7 +819,7 @@ def main(argv=None) -> int:
         "modes": lambda: part_modes(
             args.quick, lambda part: write_results({**results, "modes": part}, args.out),
             args.out, args.modes, args.n_jobs, _previous_rows(args.out), args.seeds,
-            args.snrs,
+            args.snrs, commit,
         ),
     }
     for name in args.parts:
@@ -827,6 +827,7 @@ def main(argv=None) -> int:
         results[name] = parts[name]()
         results[name]["load"] = {"start": load, "end": [round(x, 2) for x in os.getloadavg()]}
         results[name]["date"] = time.strftime("%Y-%m-%d %H:%M")
+        results[name]["commit"] = commit
         print(json.dumps(results[name], indent=1), flush=True)
         write_results(results, args.out)
     print((args.out / "speed.md").read_text())
