@@ -12,7 +12,7 @@ import pytest
 from scipy.spatial.transform import Rotation
 
 from mlsubtomo import MissingDataMLClassifier, kernel
-from mlsubtomo.fft import frequency_grid
+from mlsubtomo.fft import FFTBackend, frequency_grid
 from mlsubtomo.masks import MissingCone, MissingWedge
 
 D = 12
@@ -197,6 +197,27 @@ def test_window_needs_the_cube_of_shifts(problem):
     partial = dataclasses.replace(search, shifts=search.shifts[:5], log_shift_prior=np.zeros(5))
     with pytest.raises(ValueError, match="full cube of shifts"):
         kernel.e_step(chunk, model, partial, dataclasses.replace(settings, shift_method="window"))
+
+
+def test_auto_shift_method_crossover_and_agreement_where_the_cube_nearly_fills_the_box(
+    problem,
+):
+    # At D = 12 the measured crossover falls between L = 2 (window) and L = 3 (FFT).
+    # The L = 3 cube spans 7 of the box's 12 voxels per axis, so its shifts reach far
+    # round the periodic box: there too both methods must give the same step.
+    chunk, model, search, settings, _ = problem
+    chosen = {}
+    for limit in (2, 3):
+        shifts, _ = kernel.shift_window(limit, 1.5)
+        chosen[limit] = type(
+            kernel._shift_sums(settings.mask_arrays, shifts, FFTBackend(), "auto")[0]
+        )
+    assert chosen == {2: kernel._WindowShifts, 3: kernel._FourierShifts}
+    shifts, log_prior = kernel.shift_window(3, 1.5)
+    wide = dataclasses.replace(search, shifts=shifts, log_shift_prior=log_prior)
+    reference = kernel.e_step(chunk, model, wide, settings)
+    window = dataclasses.replace(settings, shift_method="window")
+    _assert_same(kernel.e_step(chunk, model, wide, window), reference)
 
 
 def test_correlation_search_paths_agree(problem):
