@@ -97,8 +97,8 @@ _PAIR_BATCH_BYTES = 1 << 23
 _PREPARE_SLICE_VOXELS = 1 << 24
 # Keeping the scores is only worth it when it leaves chunks at least this large.
 _MIN_SCORED_CHUNK = 64
-# Particles whose rotated observed sets hard_statistics computes at once.
-_HARD_BATCH = 64
+# Most particles or pairs whose observed sets and transforms a back-rotation holds at once.
+_BACK_ROTATION_BATCH = 64
 
 
 @dataclass
@@ -784,11 +784,13 @@ class _Lines:
         return np.ascontiguousarray(arrays.reshape(len(arrays), -1)[:, self.flat])
 
     def expand(self, compact: np.ndarray) -> np.ndarray:
-        """The half grid (D, D, D//2+1) of one compact array (D, L), zero off the lines."""
+        """The half grids (..., D, D, D//2+1) of compact arrays (..., D, L), zero off the
+        lines."""
         d, h = self.d, self.h
-        full = np.zeros(d * d * h, dtype=compact.dtype)
-        full[self.flat] = compact
-        return full.reshape(d, d, h)
+        lead = compact.shape[:-2]
+        full = np.zeros((*lead, d * d * h), dtype=compact.dtype)
+        full[..., self.flat] = compact
+        return full.reshape(*lead, d, d, h)
 
 
 # Posteriors below this are dropped from the float32 shift spreads (see below).
@@ -1556,21 +1558,37 @@ def _rotate_back(stats, sums, mass, rotations, scorer):
     settings, d = scorer.settings, scorer.d
     used = np.flatnonzero(np.any(mass > 0, axis=(0, 1)))
     inverses = np.swapaxes(rotations[used], 1, 2)
+    weights = mass[:, :, used]
     # The observed sets of a whole block in one call per mask group: alone, a rotated
     # mask cost about three times as much (1 ms at D = 32).
     observed = rotated_observed(
-        settings, d, inverses, np.flatnonzero(np.any(mass[:, :, used] > 0, axis=(1, 2)))
+        settings, d, inverses, np.flatnonzero(np.any(weights > 0, axis=(1, 2)))
     )
-    for j, r in enumerate(used):
-        classes = np.flatnonzero(np.any(mass[:, :, r] > 0, axis=0))
-        counts = np.stack([
-            sum(mass[g, k, r] * m[j] for g, m in observed.items() if mass[g, k, r] > 0)
-            for k in classes
-        ])
-        particle_frame = np.stack([scorer.lines.expand(sums[k, r]) for k in classes])
-        _add_in_reference_frame(
-            stats, classes, particle_frame, counts, inverses[j], settings, scorer.backend
+    counts = stats.observation_counts.reshape(len(stats.observation_counts), -1)
+    size, rows = counts.shape[1], _half_grids_per_batch(d)
+    for g, sets in observed.items():
+        for part in _batches(len(used), rows):
+            counts += weights[g][:, part] @ sets[part].reshape(-1, size)
+    # Pairs by orientation, so that each orientation's classes are rotated together.
+    orientation, classes = np.nonzero(np.any(weights > 0, axis=0).T)
+    for batch in _batches(len(classes), rows):
+        j, k = orientation[batch], classes[batch]
+        frames = scorer.lines.expand(
+            np.stack([sums[c, r] for c, r in zip(k, used[j], strict=True)], dtype=np.complex64)
         )
+        kept = np.zeros((len(k), size), dtype=bool)
+        for g, sets in observed.items():
+            mine = weights[g, k, j] > 0
+            kept[mine] |= sets[j[mine]].reshape(-1, size)
+        _add_in_reference_frame(stats, k, frames, j, inverses, kept, settings, scorer.backend)
+
+
+def _half_grids_per_batch(box_size):
+    """How many half grids the back-rotations transform at once: a power of two (so
+    that all batches share a few FFTW plans) of at most ``_PAIR_BATCH_BYTES`` in
+    complex64, and at most ``_BACK_ROTATION_BATCH``."""
+    most = _PAIR_BATCH_BYTES // (8 * math.prod(half_grid_shape(box_size)))
+    return 1 << int(np.log2(min(_BACK_ROTATION_BATCH, max(1, most))))
 
 
 def rotated_observed(settings, box_size, inverses, groups):
@@ -1584,16 +1602,34 @@ def rotated_observed(settings, box_size, inverses, groups):
     }
 
 
-def _add_in_reference_frame(stats, classes, particle_frame_sums, counts, inverse, settings,
+def _add_in_reference_frame(stats, classes, frames, orientation, inverses, kept, settings,
                             backend):
-    """Rotate particle-frame sums by ``inverse`` and add them, with their counts, to
-    ``classes``: one stack, so that the classes share the interpolation weights."""
+    """Rotate particle-frame half grids ``frames`` (m, D, D, D//2+1) by
+    ``inverses[orientation]`` and add them, on the sets ``kept`` (m, Q) bool, to B of
+    ``classes`` (m,). Consecutive frames of one orientation are rotated as one stack, so
+    that they share the interpolation weights."""
     d = stats.data_sums.shape[-2]
-    volumes = backend.irfftn(particle_frame_sums, d)
-    back = rotate_centred(volumes, inverse, order=settings.interpolation_order)
+    volumes = backend.irfftn(frames, d)
+    starts = np.flatnonzero(np.diff(orientation, prepend=-1))
+    for a, b in zip(starts, np.append(starts[1:], len(orientation)), strict=True):
+        volumes[a:b] = rotate_centred(
+            volumes[a:b], inverses[orientation[a]], order=settings.interpolation_order
+        )
+    back = backend.rfftn(volumes)
     # Interpolation leaks a little signal outside the rotated observed sets.
-    stats.data_sums[classes] += backend.rfftn(back) * (counts > 0)
-    stats.observation_counts[classes] += counts
+    _masked_add(back.reshape(len(back), -1), kept, np.asarray(classes),
+                stats.data_sums.reshape(len(stats.data_sums), -1))
+
+
+@numba.njit(cache=True, nogil=True)
+def _masked_add(values, kept, rows, out):  # pragma: no cover - compiled
+    """``out[rows[j]] += values[j]`` where ``kept[j]``: no masked copy, and no gathered
+    rows of ``out`` (as its fancy-index addition makes)."""
+    for j in range(values.shape[0]):
+        row = out[rows[j]]
+        for q in range(values.shape[1]):
+            if kept[j, q]:
+                row[q] += values[j, q]
 
 
 def hard_statistics(
@@ -1644,7 +1680,8 @@ def _hard_share(chunk, labels, rotations, shifts, share, n_classes, settings):
     period = settings.shift_period or d
     stats = SufficientStatistics.zeros(n_classes, half_grid_shape(d))
     qx, qy, qz = frequency_grid(d)
-    for batch in np.array_split(share, -(-len(share) // _HARD_BATCH)):
+    for batch in _batches(len(share), _half_grids_per_batch(d)):
+        batch = share[batch]
         inverses = np.swapaxes(np.asarray(rotations)[batch], 1, 2)
         observed = np.empty((len(batch), *half_grid_shape(d)), dtype=bool)
         # The observed sets of each mask group in one call, as in _rotate_back.
@@ -1653,13 +1690,18 @@ def _hard_share(chunk, labels, rotations, shifts, share, n_classes, settings):
             observed[mine] = settings.masks[g].observed(
                 d, rotation=inverses[mine], max_resolution=settings.max_resolution
             )
+        frames = np.empty((len(batch), *half_grid_shape(d)), dtype=np.complex64)
         for j, i in enumerate(batch):
             tx, ty, tz = shifts[i]
             # S_t^-1 multiplies component q by exp(+2 pi i q.t / D).
-            phase = np.exp(2j * np.pi * (qx * tx + qy * ty + qz * tz) / period)
-            _add_in_reference_frame(
-                stats, [int(labels[i])], (chunk.data[i] * phase)[None],
-                observed[j][None].astype(np.float64), inverses[j], settings, backend,
+            frames[j] = chunk.data[i] * np.exp(
+                2j * np.pi * (qx * tx + qy * ty + qz * tz) / period
             )
-            stats.class_sums[int(labels[i])] += 1.0
+        classes = np.asarray(labels)[batch].astype(np.int64)
+        _add_in_reference_frame(
+            stats, classes, frames, np.arange(len(batch)), inverses,
+            observed.reshape(len(batch), -1), settings, backend,
+        )
+        np.add.at(stats.observation_counts, classes, observed)
+        stats.class_sums += np.bincount(classes, minlength=n_classes)
     return stats

@@ -126,6 +126,7 @@ def test_lines_hold_every_observed_component():
     weights = observed * np.arange(1.0, observed[0].size + 1).reshape(observed.shape[1:])
     for w in weights:
         np.testing.assert_array_equal(lines.expand(lines.compact(w[None])[0]), w)
+    np.testing.assert_array_equal(lines.expand(lines.compact(weights)), weights)
 
 
 def test_fourier_rotation_of_a_blob_is_its_transform_through_trilinear_interpolation():
