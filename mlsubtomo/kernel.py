@@ -1564,14 +1564,12 @@ def _rotate_back(stats, sums, mass, rotations, scorer):
     observed = rotated_observed(
         settings, d, inverses, np.flatnonzero(np.any(weights > 0, axis=(1, 2)))
     )
-    counts = stats.observation_counts.reshape(len(stats.observation_counts), -1)
-    size, rows = counts.shape[1], _half_grids_per_batch(d)
     for g, sets in observed.items():
-        for part in _batches(len(used), rows):
-            counts += weights[g][:, part] @ sets[part].reshape(-1, size)
+        _add_observation_counts(stats, weights[g], sets)
+    size = math.prod(half_grid_shape(d))
     # Pairs by orientation, so that each orientation's classes are rotated together.
     orientation, classes = np.nonzero(np.any(weights > 0, axis=0).T)
-    for batch in _batches(len(classes), rows):
+    for batch in _batches(len(classes), _half_grids_per_batch(d)):
         j, k = orientation[batch], classes[batch]
         frames = scorer.lines.expand(
             np.stack([sums[c, r] for c, r in zip(k, used[j], strict=True)], dtype=np.complex64)
@@ -1581,6 +1579,15 @@ def _rotate_back(stats, sums, mass, rotations, scorer):
             mine = weights[g, k, j] > 0
             kept[mine] |= sets[j[mine]].reshape(-1, size)
         _add_in_reference_frame(stats, k, frames, j, inverses, kept, settings, scorer.backend)
+
+
+def _add_observation_counts(stats, weights, sets):
+    """``W_k += sum_j weights[k, j] sets[j]`` for the observed sets ``sets`` (b, D, D,
+    D//2+1) bool: one matrix product per batch, where numpy's ``add.at`` over the
+    classes ran 80 times as slow as a loop (D = 32)."""
+    counts = stats.observation_counts.reshape(len(stats.observation_counts), -1)
+    for part in _batches(len(sets), _half_grids_per_batch(stats.data_sums.shape[-2])):
+        counts += weights[:, part] @ sets[part].reshape(-1, counts.shape[1])
 
 
 def _half_grids_per_batch(box_size):
@@ -1617,7 +1624,7 @@ def _add_in_reference_frame(stats, classes, frames, orientation, inverses, kept,
         )
     back = backend.rfftn(volumes)
     # Interpolation leaks a little signal outside the rotated observed sets.
-    _masked_add(back.reshape(len(back), -1), kept, np.asarray(classes),
+    _masked_add(back.reshape(len(back), -1), kept, classes,
                 stats.data_sums.reshape(len(stats.data_sums), -1))
 
 
@@ -1702,6 +1709,6 @@ def _hard_share(chunk, labels, rotations, shifts, share, n_classes, settings):
             stats, classes, frames, np.arange(len(batch)), inverses,
             observed.reshape(len(batch), -1), settings, backend,
         )
-        np.add.at(stats.observation_counts, classes, observed)
+        _add_observation_counts(stats, np.eye(n_classes)[:, classes], observed)
         stats.class_sums += np.bincount(classes, minlength=n_classes)
     return stats
