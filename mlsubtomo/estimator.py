@@ -570,7 +570,9 @@ class MissingDataMLClassifier(DensityMixin, _SubtomogramClassifier):
     particle_log_likelihood_ : ndarray of shape (N,)
     log_likelihood_history_ : list of float
         Entry j is the data log-likelihood under the model entering iteration j;
-        the last entry is under the fitted model.
+        the last entry is under the fitted model. Each covers the components of its
+        iteration's box (``box_size_history_``); :meth:`score_samples` those of the
+        whole box.
     sigma_history_ : list of float
         sigma after each iteration's M-step.
     class_weights_history_ : list of ndarray of shape (K,)
@@ -868,7 +870,7 @@ class MissingDataMLClassifier(DensityMixin, _SubtomogramClassifier):
 
     def _e_step(
         self, data, settings, rotations, current_rotations, accumulate, local=None,
-        previous=None, keep_pairs=False,
+        previous=None, keep_pairs=False, crop=None,
     ):
         """Scores, posteriors and (optionally) statistics for all particles.
 
@@ -879,8 +881,10 @@ class MissingDataMLClassifier(DensityMixin, _SubtomogramClassifier):
         the result keeps ``pair_log_mass`` for the next iteration. In a Fourier crop the
         statistics are returned on the full half grid (zero outside the crop), with
         the cropped hard-assignment statistics of the two half sets (even- and
-        odd-numbered particles at their best poses) for the FSC.
+        odd-numbered particles at their best poses) for the FSC. ``crop``: the box
+        to search in, the current crop by default.
         """
+        crop = self._crop_size if crop is None else crop
         shifts, log_prior = kernel.shift_window(self._shift_limit(self.xi_), self.xi_)
         rotations = self._search_rotations(rotations, current_rotations)
         # Pruned searches keep the prior of the whole grid, as xmipp keeps 1/Nang.
@@ -894,20 +898,20 @@ class MissingDataMLClassifier(DensityMixin, _SubtomogramClassifier):
             self.align and local is None and self.local_search is None
             and self.coarse_step is not None and self.pruning_threshold > 0
         ):
-            candidates = self._coarse_candidates(data, search, settings)
-        cropped = self._crop_size < self._box_size
+            candidates = self._coarse_candidates(data, search, settings, crop)
+        cropped = crop < self._box_size
         if cropped:
-            data, settings = kernel.crop_problem(data, settings, self._crop_size)
+            data, settings = kernel.crop_problem(data, settings, crop)
         result, stats = self._run_kernel(
-            self._e_step_function(), data, self._model(), search, current_rotations, settings,
-            local=local, candidates=candidates, accumulate=accumulate,
+            self._e_step_function(), data, self._model(crop), search, current_rotations,
+            settings, local=local, candidates=candidates, accumulate=accumulate,
             keep_pairs=accumulate and keep_pairs,
         )
         if not accumulate:
             return None, result, None
         halves = None
         if cropped:
-            stats = stats.embedded(kernel.crop_index(self._box_size, self._crop_size),
+            stats = stats.embedded(kernel.crop_index(self._box_size, crop),
                                    half_grid_shape(self._box_size))
             # Averages of the even- and odd-numbered particles at their best poses:
             # one rotation per particle, where soft half sets would rotate back every
@@ -1004,7 +1008,7 @@ class MissingDataMLClassifier(DensityMixin, _SubtomogramClassifier):
             ).reshape(part.shape[0], k, -1) > 0
         return reached
 
-    def _coarse_candidates(self, data, search, settings):
+    def _coarse_candidates(self, data, search, settings, crop):
         """Where the fine search looks: (n, K, R) bool.
 
         The orientations of the grid nearest to a grid of ``coarse_step`` are scored
@@ -1013,7 +1017,7 @@ class MissingDataMLClassifier(DensityMixin, _SubtomogramClassifier):
         ``coarse_margin`` nats of the class's best coarse one, and every grid
         orientation within ``coarse_step`` of them, are searched.
         """
-        box = self._crop_size
+        box = crop
         if self.min_box_size is not None:
             box = min(box, self.min_box_size)
         if box < self._box_size:
@@ -1118,7 +1122,13 @@ class MissingDataMLClassifier(DensityMixin, _SubtomogramClassifier):
     # ------------------------------------------------------------------ inference
     def _predict_result(self, X, masks):
         data, settings = self._prepare_predict(X, masks)
-        _, result, _ = self._e_step(data, settings, self._orientation_grid(), None, False)
+        # In the whole box, whatever crop the fit ended in: the references are
+        # band-limited to it, so the posteriors barely change, but the log-likelihood
+        # covers every component of the band, and the scores of models fitted with
+        # different min_box_size (a grid search over it) compare like with like.
+        _, result, _ = self._e_step(
+            data, settings, self._orientation_grid(), None, False, crop=self._box_size
+        )
         return result
 
     def predict_proba(self, X, masks=None):
@@ -1130,7 +1140,9 @@ class MissingDataMLClassifier(DensityMixin, _SubtomogramClassifier):
         return np.argmax(self._predict_result(X, masks).class_log_posterior, axis=1)
 
     def score_samples(self, X, masks=None):
-        """Log-likelihood of each particle under the fitted model."""
+        """Log-likelihood of each particle under the fitted model, over every observed
+        component of the band: after a Fourier-cropped fit (``min_box_size``) too, whose
+        references are zero beyond the last crop."""
         return self._predict_result(X, masks).log_likelihood
 
     def score(self, X, y=None, sample_weight=None, masks=None):

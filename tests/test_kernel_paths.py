@@ -326,3 +326,27 @@ def test_min_box_size_grows_the_box_and_classifies(phantoms):
     assert class_purity(data.labels, est.labels_) >= 0.9
     assert est.references_.shape == (2, 16, 16, 16)
     np.testing.assert_array_equal(est.predict(data.volumes, masks=data.masks), est.labels_)
+
+
+def test_scores_of_a_cropped_fit_cover_the_whole_box(phantoms):
+    import copy
+
+    from mlsubtomo.simulate import make_dataset
+
+    # One iteration in the box of 8 leaves the next crop (12) below the box (16). The
+    # score must not depend on which crop the fit ended in: a grid search over
+    # min_box_size compares these scores.
+    data = make_dataset(phantoms, 12, masks=MissingWedge(-60, 60), snr=1.0, random_state=3)
+    est = MissingDataMLClassifier(
+        2, angular_step=60, max_shift=1, max_iter=1, min_box_size=8, random_state=0,
+    ).fit(data.volumes, masks=data.masks)
+    assert est._crop_size == 12
+    whole = copy.deepcopy(est)
+    whole._crop_size = 16
+    scores = est.score_samples(data.volumes, masks=data.masks)
+    np.testing.assert_array_equal(scores, whole.score_samples(data.volumes, masks=data.masks))
+    # Not what the crop alone gives, which leaves out the components between it and
+    # the band's edge.
+    particles, settings = est._prepare_predict(data.volumes, data.masks)
+    _, in_crop, _ = est._e_step(particles, settings, est._orientation_grid(), None, False)
+    assert np.all(np.abs(scores - in_crop.log_likelihood) > 1.0)

@@ -346,7 +346,7 @@ def _e_step_of(est, data, coarse_step):
     try:
         est.coarse_step = coarse_step
         _, pruned, _ = est._e_step(prepared, settings, grid, None, False)
-        candidates = est._coarse_candidates(prepared, search, settings)
+        candidates = est._coarse_candidates(prepared, search, settings, est._crop_size)
     finally:
         est.coarse_step = saved
     return pruned, full, candidates, _log_norm(prepared, model)
