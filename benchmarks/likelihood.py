@@ -29,7 +29,6 @@ from pathlib import Path
 import numpy as np
 import speed
 
-from mlsubtomo import LinearDecay, MissingDataMLClassifier
 from mlsubtomo.io import atomic_write
 from mlsubtomo.metrics import class_purity
 
@@ -37,14 +36,7 @@ MODES = ("exhaustive", "accelerated_pruned")
 
 
 def _fit(mode, seed, data, quick):
-    n, d, step, shift, iters = speed._modes_setting(quick)
-    extra = dict(speed.MODES[mode])
-    if quick and "min_box_size" in extra:
-        extra["min_box_size"] = 8
-    est = MissingDataMLClassifier(
-        2, angular_step=step, max_shift=shift, max_iter=iters, n_jobs=-1,
-        regularization=LinearDecay(5.0, 5), random_state=seed, **extra,
-    )
+    est = speed.modes_estimator(mode, seed, quick)
     start = time.perf_counter()
     est.fit(data.volumes, masks=speed.WEDGE)
     return est, time.perf_counter() - start
@@ -81,8 +73,11 @@ def run(seeds, snr, quick):
                 "fit_purity": class_purity(data.labels, est.labels_),
                 "final_crop": est._crop_size, "sigma": est.sigma_,
                 "in_crop": {"crop": crop, **_scores(est, data, crop)},
-                "whole_box": {"crop": box, **_scores(est, data, box)},
             }
+            # A crop of the whole box is the whole box: not scored twice.
+            row["whole_box"] = (
+                row["in_crop"] if crop == box else {"crop": box, **_scores(est, data, box)}
+            )
             rows.append(row)
             print(json.dumps(row), flush=True)
     return rows

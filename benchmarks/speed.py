@@ -334,6 +334,18 @@ def known_pose_purity(quick: bool, data) -> dict:
             "misclassified": np.flatnonzero(labels != data.labels).tolist()}
 
 
+def modes_estimator(mode: str, seed: int, quick: bool, n_jobs: int = -1):
+    """The unfitted estimator of a modes run."""
+    _, _, step, shift, iters = _modes_setting(quick)
+    extra = dict(MODES[mode])
+    if quick and "min_box_size" in extra:
+        extra["min_box_size"] = 8
+    return MissingDataMLClassifier(
+        2, angular_step=step, max_shift=shift, max_iter=iters, n_jobs=n_jobs,
+        regularization=LinearDecay(5.0, 5), random_state=seed, **extra,
+    )
+
+
 def _modes_setting(quick: bool):
     """N, D, angular step, largest shift and iterations of the modes part."""
     return (40, 16, 45.0, 1, 6) if quick else (200, 32, 15.0, 3, 40)
@@ -413,13 +425,8 @@ def part_modes(quick: bool, save, out: Path, modes=("accelerated", "exhaustive")
     for snr in snrs:
         data = _modes_data(quick, snr)
         for mode, seed in ((m, s) for m in modes for s in seeds):
-            extra = dict(MODES[mode])
-            if quick and "min_box_size" in extra:
-                extra["min_box_size"] = 8
-            est = MissingDataMLClassifier(
-                2, angular_step=step, max_shift=shift, max_iter=iters, n_jobs=n_jobs,
-                regularization=LinearDecay(5.0, 5), random_state=seed, **extra,
-            )
+            est = modes_estimator(mode, seed, quick, n_jobs)
+            extra = {key: est.get_params()[key] for key in MODES[mode]}
             handler = _IterationTimes()
             logging.getLogger("mlsubtomo").addHandler(handler)
             start = time.perf_counter()
