@@ -466,8 +466,9 @@ class MissingDataMLClassifier(DensityMixin, _SubtomogramClassifier):
         particle's best pair posterior or were a local maximum of it that a
         perturbation of the grid could make the best (the symmetry mates of a
         symmetric particle, for instance: at most ``coarse_margin`` nats below the
-        best, and no further than the best falls within 1.5 grid steps), until that
-        converges too or ``max_iter`` is reached. The final assignment
+        best, and no further than the best falls within 1.5 grid steps), and near
+        each class's best orientation for the particle, so that it can still change
+        class; until that converges too or ``max_iter`` is reached. The final assignment
         (``labels_``, ``rotations_``) searches the unperturbed grid near the pairs of
         the last iteration in the same way; without refinement it searches globally.
     coarse_step : float, default=None
@@ -794,7 +795,8 @@ class MissingDataMLClassifier(DensityMixin, _SubtomogramClassifier):
                 run["previous"] = (
                     rotations,
                     self._significant_pairs(result.pair_log_mass)
-                    | self._posterior_modes(result.pair_log_mass, neighbours),
+                    | self._posterior_modes(result.pair_log_mass, neighbours)
+                    | self._class_best_pairs(result.pair_log_mass),
                 )
             # Log-likelihoods of different crops cover different components.
             boxes = self.box_size_history_
@@ -933,6 +935,23 @@ class MissingDataMLClassifier(DensityMixin, _SubtomogramClassifier):
             return np.isfinite(pair_log_mass) & (
                 pair_log_mass >= best + np.log(self.pruning_threshold)
             )
+
+    @staticmethod
+    def _class_best_pairs(pair_log_mass):
+        """(n, K, R) bool: the best searched orientation of each (particle, class).
+
+        A class whose pairs all fell below ``pruning_threshold`` would otherwise not
+        be searched again, and the particle could never return to it however the
+        references change: on the paper's setting (SNR 0.01) 38% of the particles had
+        lost their other class by the end of the local refinement. Kept at its best
+        pose, the class stays a hidden variable at the cost of one neighbourhood.
+        """
+        n, k, _ = pair_log_mass.shape
+        best = np.zeros(pair_log_mass.shape, dtype=bool)
+        rows, classes = np.indices((n, k))
+        top = np.argmax(pair_log_mass, axis=2)
+        best[rows, classes, top] = np.isfinite(pair_log_mass[rows, classes, top])
+        return best
 
     def _posterior_modes(self, pair_log_mass, neighbours):
         """(n, K, R) bool: the local maxima of each particle's pair posterior over the

@@ -485,6 +485,23 @@ def test_significant_pairs(threshold):
     assert significant.reshape(50, -1).sum(axis=1).min() >= 1
 
 
+def test_class_best_pairs_keep_every_searched_class():
+    # Class 1 lies 50 nats below class 0, far below any pruning threshold: it is
+    # still marked at its own best orientation, so a local search keeps it.
+    rng = np.random.default_rng(5)
+    mass = rng.normal(size=(30, 2, 11))
+    mass[:, 1] -= 50.0
+    mass[::4, 1] = -np.inf  # a class not searched at all
+    best = MissingDataMLClassifier._class_best_pairs(mass)
+    assert best.shape == mass.shape and best.dtype == bool
+    searched = np.ones((30, 2), dtype=bool)
+    searched[::4, 1] = False
+    np.testing.assert_array_equal(best.sum(axis=2), searched)
+    rows, classes = np.nonzero(searched)
+    assert best[rows, classes, np.argmax(mass, axis=2)[rows, classes]].all()
+    assert not MissingDataMLClassifier(2)._significant_pairs(mass)[:, 1].any()
+
+
 def _peaks(rotations, n, seed):
     """Three grid orientations 120 degrees apart for each of n particles, (3,) of (n,)."""
     base = Rotation.random(n, random_state=seed)
@@ -608,6 +625,32 @@ def test_memory_budget_covers_the_pair_arrays_kept_for_the_run(easy, monkeypatch
     # the final local search, which keeps nothing.
     held = [round(est.memory_budget * 2**30 - budget) / pairs for pairs, budget in plans]
     assert held[0] == 9 and held[-1] == 1 and set(held) == {9, 10, 1}
+
+
+def test_local_refinement_searches_every_class_of_every_particle(easy, monkeypatch):
+    # At SNR 2 a particle's other class is far below pruning_threshold; it must
+    # still be searched, or the particle could never change class again.
+    data, _, _ = easy
+    reach = MissingDataMLClassifier._reached
+    searched = []
+
+    def spy(self, *args):
+        out = reach(self, *args)
+        searched.append(out.any(axis=2))
+        return out
+
+    monkeypatch.setattr(MissingDataMLClassifier, "_reached", spy)
+    params = dict(FIT, init_references=_asymmetric_references(), max_resolution=0.15,
+                  max_iter=8, perturb=False, tol=0.5)
+    est = MissingDataMLClassifier(2, local_refinement=50.0, **params).fit(
+        data.volumes, masks=data.masks
+    )
+    assert est.refinement_start_ is not None and len(searched) >= 2
+    assert all(s.all() for s in searched)
+    # Classes that a relative threshold drops: the other class of some particles
+    # holds less than pruning_threshold of their posterior (their best pair more).
+    proba = est.predict_proba(data.volumes, masks=data.masks)
+    assert np.sum(proba.min(axis=1) < est.pruning_threshold) >= 3
 
 
 def test_final_assignment_after_local_refinement_is_the_global_best(easy):
