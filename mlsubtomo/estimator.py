@@ -787,7 +787,12 @@ class MissingDataMLClassifier(DensityMixin, _SubtomogramClassifier):
             self.box_size_history_.append(crop)
             self.n_iter_ = iteration + 1
             changes = self._assignment_changes(run, labels, result.rotations)
-            self._log_iteration(iteration, stats, labels, changes, start)
+            searched = (
+                "fixed" if not self.align
+                else "local" if local is not None or self.local_search is not None
+                else "global"
+            )
+            self._log_iteration(iteration, stats, labels, changes, start, searched)
             if halves is not None:
                 self._crop_size = self._grown_crop(halves)
             run["labels"], run["best_rotations"] = labels, result.rotations
@@ -1125,8 +1130,9 @@ class MissingDataMLClassifier(DensityMixin, _SubtomogramClassifier):
         turned = np.degrees(np.mean(angles.reshape(len(rotations), -1).min(axis=1)))
         return float(np.mean(previous["labels"] != labels)), float(turned)
 
-    def _log_iteration(self, iteration, stats, labels, changes, start):
-        """One line: the figures a user watches to judge convergence and class collapse."""
+    def _log_iteration(self, iteration, stats, labels, changes, start, searched):
+        """One line: the figures a user watches to judge convergence and class collapse,
+        and how the orientations were searched (``searched``: global, local or fixed)."""
         sizes = np.bincount(labels, minlength=self.n_classes)
         changed, turned = changes
         message = (
@@ -1134,7 +1140,8 @@ class MissingDataMLClassifier(DensityMixin, _SubtomogramClassifier):
             f"sigma {self.sigma_:.4g}, xi {self.xi_:.3g}, class sizes {sizes.tolist()}, "
             f"class weights {np.round(self.class_weights_, 3).tolist()}, "
             f"class changes {changed:.3f}, mean orientation change {turned:.1f} deg, "
-            f"box {self._crop_size}, {time.perf_counter() - start:.2f} s"
+            f"box {self._crop_size}, search {searched}, "
+            f"{time.perf_counter() - start:.2f} s"
         )
         _log(message, self.verbose)
 

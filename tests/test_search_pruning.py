@@ -9,6 +9,7 @@ searched pairs.
 """
 
 import dataclasses
+import logging
 
 import numpy as np
 import pytest
@@ -651,6 +652,22 @@ def test_local_refinement_searches_every_class_of_every_particle(easy, monkeypat
     # holds less than pruning_threshold of their posterior (their best pair more).
     proba = est.predict_proba(data.volumes, masks=data.masks)
     assert np.sum(proba.min(axis=1) < est.pruning_threshold) >= 3
+
+
+def test_the_iteration_log_says_how_each_iteration_searched(easy, caplog):
+    data, _, _ = easy
+    params = dict(FIT, init_references=_asymmetric_references(), max_resolution=0.15,
+                  max_iter=8, perturb=False, tol=0.5)
+    with caplog.at_level(logging.INFO, logger="mlsubtomo"):
+        est = MissingDataMLClassifier(2, local_refinement=50.0, **params).fit(
+            data.volumes, masks=data.masks
+        )
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("iteration ")]
+    assert len(lines) == est.n_iter_
+    assert est.refinement_start_ is not None and est.refinement_start_ < est.n_iter_
+    searched = [line.split("search ")[1].split(",")[0] for line in lines]
+    start = est.refinement_start_
+    assert searched == ["global"] * start + ["local"] * (est.n_iter_ - start)
 
 
 def test_final_assignment_after_local_refinement_is_the_global_best(easy):
