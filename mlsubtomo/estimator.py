@@ -779,7 +779,8 @@ class MissingDataMLClassifier(DensityMixin, _SubtomogramClassifier):
             )
             self.log_likelihood_history_.append(stats.log_likelihood)
             labels = np.argmax(result.class_log_posterior, axis=1)
-            if self.local_search is not None or local is not None:
+            searched_locally = self.local_search is not None or local is not None
+            if searched_locally:
                 run["rotations"] = result.rotations
             self._m_step(stats, schedule(iteration))
             self.sigma_history_.append(self.sigma_)
@@ -788,9 +789,7 @@ class MissingDataMLClassifier(DensityMixin, _SubtomogramClassifier):
             self.n_iter_ = iteration + 1
             changes = self._assignment_changes(run, labels, result.rotations)
             searched = (
-                "fixed" if not self.align
-                else "local" if local is not None or self.local_search is not None
-                else "global"
+                "fixed" if not self.align else "local" if searched_locally else "global"
             )
             self._log_iteration(iteration, stats, labels, changes, start, searched)
             if halves is not None:

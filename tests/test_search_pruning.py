@@ -604,6 +604,15 @@ def test_orientations_reached_in_particle_batches(easy, monkeypatch):
     assert not reached[1].any() and reached[0].any()
 
 
+def _refined_fit(data):
+    """A short fit of ``data`` whose last iterations are local refinement."""
+    params = dict(FIT, init_references=_asymmetric_references(), max_resolution=0.15,
+                  max_iter=8, perturb=False, tol=0.5)
+    return MissingDataMLClassifier(2, local_refinement=50.0, **params).fit(
+        data.volumes, masks=data.masks
+    )
+
+
 def test_memory_budget_covers_the_pair_arrays_kept_for_the_run(easy, monkeypatch):
     data, _, _ = easy
     plans = []
@@ -614,11 +623,7 @@ def test_memory_budget_covers_the_pair_arrays_kept_for_the_run(easy, monkeypatch
         return plan(n, k, r, t, d, budget)
 
     monkeypatch.setattr(kernel, "chunk_plan", spy)
-    params = dict(FIT, init_references=_asymmetric_references(), max_resolution=0.15,
-                  max_iter=8, perturb=False, tol=0.5)
-    est = MissingDataMLClassifier(2, local_refinement=50.0, **params).fit(
-        data.volumes, masks=data.masks
-    )
+    est = _refined_fit(data)
     assert est.refinement_start_ is not None
     # What each E-step's chunks were not given, per pair: the pair masses and chosen
     # pairs kept for the next iteration (9 bytes) in the global iterations, the
@@ -641,11 +646,7 @@ def test_local_refinement_searches_every_class_of_every_particle(easy, monkeypat
         return out
 
     monkeypatch.setattr(MissingDataMLClassifier, "_reached", spy)
-    params = dict(FIT, init_references=_asymmetric_references(), max_resolution=0.15,
-                  max_iter=8, perturb=False, tol=0.5)
-    est = MissingDataMLClassifier(2, local_refinement=50.0, **params).fit(
-        data.volumes, masks=data.masks
-    )
+    est = _refined_fit(data)
     assert est.refinement_start_ is not None and len(searched) >= 2
     assert all(s.all() for s in searched)
     # Classes that a relative threshold drops: the other class of some particles
@@ -656,12 +657,8 @@ def test_local_refinement_searches_every_class_of_every_particle(easy, monkeypat
 
 def test_the_iteration_log_says_how_each_iteration_searched(easy, caplog):
     data, _, _ = easy
-    params = dict(FIT, init_references=_asymmetric_references(), max_resolution=0.15,
-                  max_iter=8, perturb=False, tol=0.5)
     with caplog.at_level(logging.INFO, logger="mlsubtomo"):
-        est = MissingDataMLClassifier(2, local_refinement=50.0, **params).fit(
-            data.volumes, masks=data.masks
-        )
+        est = _refined_fit(data)
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("iteration ")]
     assert len(lines) == est.n_iter_
     assert est.refinement_start_ is not None and est.refinement_start_ < est.n_iter_
@@ -672,11 +669,7 @@ def test_the_iteration_log_says_how_each_iteration_searched(easy, caplog):
 
 def test_final_assignment_after_local_refinement_is_the_global_best(easy):
     data, _, _ = easy
-    params = dict(FIT, init_references=_asymmetric_references(), max_resolution=0.15,
-                  max_iter=8, perturb=False, tol=0.5)
-    refined = MissingDataMLClassifier(2, local_refinement=50.0, **params).fit(
-        data.volumes, masks=data.masks
-    )
+    refined = _refined_fit(data)
     assert refined.refinement_start_ is not None
     # The global search at the refined model: every particle's best lies near the
     # pairs its last local iteration kept, so the local final search finds it.
