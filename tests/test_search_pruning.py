@@ -604,9 +604,11 @@ def test_orientations_reached_in_particle_batches(easy, monkeypatch):
     assert not reached[1].any() and reached[0].any()
 
 
-def _refined_fit(data):
+def _refined_fit(data, init_references=None):
     """A short fit of ``data`` whose last iterations are local refinement."""
-    params = dict(FIT, init_references=_asymmetric_references(), max_resolution=0.15,
+    if init_references is None:
+        init_references = _asymmetric_references()
+    params = dict(FIT, init_references=init_references, max_resolution=0.15,
                   max_iter=8, perturb=False, tol=0.5)
     return MissingDataMLClassifier(2, local_refinement=50.0, **params).fit(
         data.volumes, masks=data.masks
@@ -659,12 +661,43 @@ def test_the_iteration_log_says_how_each_iteration_searched(easy, caplog):
     data, _, _ = easy
     with caplog.at_level(logging.INFO, logger="mlsubtomo"):
         est = _refined_fit(data)
-    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("iteration ")]
-    assert len(lines) == est.n_iter_
     assert est.refinement_start_ is not None and est.refinement_start_ < est.n_iter_
-    searched = [line.split("search ")[1].split(",")[0] for line in lines]
     start = est.refinement_start_
-    assert searched == ["global"] * start + ["local"] * (est.n_iter_ - start)
+    assert _searches(caplog) == ["global"] * start + ["local"] * (est.n_iter_ - start)
+
+
+def test_local_refinement_searches_globally_while_the_classes_have_not_parted(easy, caplog):
+    # Two copies of one reference stay equal: every particle's posterior is split
+    # evenly, its best class is the first, and class 1 holds half the weight but no
+    # particle, so nobody changes class and the run converges. Searched locally, the
+    # poses in class 1 would stay near the ones it had as nobody's class.
+    data, _, _ = easy
+    twins = np.repeat(_asymmetric_references()[:1], 2, axis=0)
+    with caplog.at_level(logging.INFO, logger="mlsubtomo"):
+        est = _refined_fit(data, twins)
+    assert est.refinement_start_ is not None and est.refinement_start_ < est.n_iter_
+    assert np.all(est.labels_ == 0)
+    assert _searches(caplog) == ["global"] * est.n_iter_
+
+
+@pytest.mark.parametrize(
+    "labels, weights, unparted",
+    [([0, 0, 0, 0], [0.7, 0.3], True), ([0, 0, 0, 0], [0.9, 0.1], False),
+     ([0, 1, 0, 0], [0.7, 0.3], False), ([2, 2, 0, 2], [0.3, 0.3, 0.4], True)],
+)
+def test_classes_unparted_when_a_class_with_a_particle_s_weight_is_nobody_s_best(
+    labels, weights, unparted
+):
+    # A class of less than one particle's weight holds no particle by rights.
+    est = MissingDataMLClassifier(len(weights))
+    est.class_weights_ = np.array(weights)
+    assert est._classes_unparted(np.array(labels)) is unparted
+
+
+def _searches(caplog):
+    """How each iteration searched, from the log."""
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("iteration ")]
+    return [line.split("search ")[1].split(",")[0] for line in lines]
 
 
 def test_final_assignment_after_local_refinement_is_the_global_best(easy):
