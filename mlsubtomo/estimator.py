@@ -295,22 +295,6 @@ class _SubtomogramClassifier(BaseEstimator):
         band[index] = self._band_weights[index] * kernel.crop_ball(crop)
         return band
 
-    def _classes_unparted(self, labels):
-        """Whether a class holding the weight of at least one particle is no particle's
-        best class.
-
-        The classes then have not parted, and a local search would refine each
-        particle's pose in the class it has not joined yet only near the pose it had
-        as a faint one. On the paper's setting (SNR 0.01) every particle's best
-        class was the same one when the regularisation ended in 17 runs of 18 (seeds
-        0-8, SNR 0.01 and 0.05), with class weights as even as 0.57 and 0.43, so no
-        particle changed class and the run looked settled; the classes parted a few
-        iterations later. Searched locally from there, seed 1 ended with 8 particles
-        misclassified; searched globally until the classes held particles, with 1.
-        """
-        held = np.bincount(labels, minlength=self.n_classes) > 0
-        return bool(np.any(~held & (self.class_weights_ * len(labels) >= 1)))
-
     def _warn_on_empty_classes(self):
         """Warn when the final assignment leaves a class without particles: a collapsed
         run otherwise shows only in the per-iteration log, which scripts rarely read."""
@@ -794,7 +778,8 @@ class MissingDataMLClassifier(DensityMixin, _SubtomogramClassifier):
             crop = self._crop_size
             local = (
                 self.local_refinement
-                if run.get("refining") is not None and not run.get("unparted") else None
+                if run.get("refining") is not None and not self._classes_unparted(run["labels"])
+                else None
             )
             stats, result, halves = self._e_step(
                 data, settings, rotations, run["rotations"], True, local,
@@ -818,7 +803,6 @@ class MissingDataMLClassifier(DensityMixin, _SubtomogramClassifier):
             if halves is not None:
                 self._crop_size = self._grown_crop(halves)
             run["labels"], run["best_rotations"] = labels, result.rotations
-            run["unparted"] = self._classes_unparted(labels)
             if refines:
                 run["previous"] = (
                     rotations,
@@ -963,6 +947,23 @@ class MissingDataMLClassifier(DensityMixin, _SubtomogramClassifier):
             return np.isfinite(pair_log_mass) & (
                 pair_log_mass >= best + np.log(self.pruning_threshold)
             )
+
+    def _classes_unparted(self, labels):
+        """Whether a class holding the weight of at least one particle is no particle's
+        best class.
+
+        The classes then have not parted, and a local search would refine each
+        particle's pose in the class it has not joined yet only near the pose it had
+        as a faint one. On the paper's setting every particle's best class was the
+        same one when the regularisation ended in 17 runs of 18 (seeds 0-8, SNR 0.01
+        and 0.05), with class weights as even as 0.57 and 0.43, so no particle
+        changed class and the run looked settled; the classes parted a few
+        iterations later. Searched locally from there, seed 1 at SNR 0.01 ended with
+        8 particles misclassified; searched globally until the classes held
+        particles, with 1.
+        """
+        held = np.bincount(labels, minlength=self.n_classes) > 0
+        return bool(np.any(~held & (self.class_weights_ * len(labels) >= 1)))
 
     @staticmethod
     def _class_best_pairs(pair_log_mass):
